@@ -1,0 +1,25 @@
+# Every target sets up .venv itself (scripts/bootstrap.sh), so each works on a fresh machine.
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup train test test-slow bench lint
+
+setup:
+	bash scripts/bootstrap.sh
+
+train: setup
+	$(PY) examples/carve3d_train.py --output_dir outputs/tiny-carve3d
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/bench_trainer.py
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -1,0 +1,19 @@
+"""carve3d-trl: Carve3D's RL fine-tuning of multi-view diffusion models, on TRL's DDPO."""
+
+from .config import Carve3DConfig
+from .pipelines import Carve3DStableDiffusionPipeline
+from .prompts import PromptCycler, load_prompts
+from .stats import PromptStatTracker, compute_advantages
+from .trainer import Carve3DTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Carve3DConfig",
+    "Carve3DStableDiffusionPipeline",
+    "Carve3DTrainer",
+    "PromptCycler",
+    "PromptStatTracker",
+    "compute_advantages",
+    "load_prompts",
+]

@@ -1,0 +1,138 @@
+"""Tiny, randomly initialised text-to-image pipelines built offline, for tests, examples and benchmarks.
+
+The pipelines are ordinary diffusers folders: `StableDiffusionPipeline.from_pretrained(path)` and
+`DefaultDDPOStableDiffusionPipeline(path)` load them. Their images are grids of views (2x2 by default), so the
+multi-view reward runs on them. Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TinyPipelineSpec:
+    """Sizes of a tiny Stable Diffusion pipeline.
+
+    Args:
+        image_size (`int`): Height and width of the generated grid image, in pixels.
+        grid (`tuple[int, int]`): Rows and columns of views in the grid; `image_size` must divide by both.
+        vae_blocks (`int`): VAE resolution levels; the latent is `image_size / 2 ** (vae_blocks - 1)` pixels wide.
+        unet_channels (`tuple[int, ...]`): UNet block widths (one block with cross-attention per entry).
+        text_hidden_size (`int`): Width of the CLIP text encoder (and the UNet's cross-attention).
+    """
+
+    image_size: int = 64
+    grid: tuple[int, int] = (2, 2)
+    vae_blocks: int = 2
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_hidden_size: int = 32
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (self.vae_blocks - 1)
+
+    def __post_init__(self):
+        rows, cols = self.grid
+        if self.image_size % rows or self.image_size % cols:
+            raise ValueError(f"image_size {self.image_size} does not split into a {rows}x{cols} grid of views.")
+        if self.image_size % 2 ** (self.vae_blocks - 1):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2 ** (vae_blocks - 1).")
+
+
+def build_tiny_tokenizer(save_directory: str | Path):
+    """A character-level CLIP tokenizer (printable ASCII), built with public APIs only."""
+    from transformers import CLIPTokenizer
+
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    symbols = [c for c in string.printable if not c.isspace()]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *symbols, *(s + "</w>" for s in symbols)])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    tokenizer.save_pretrained(save_directory)
+    return tokenizer
+
+
+def build_tiny_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
+    """Build a tiny random `StableDiffusionPipeline` (on CPU, float32) from `spec`, deterministic in `seed`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = spec or TinyPipelineSpec()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_tokenizer(tmp)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=spec.latent_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=spec.unet_channels,
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * len(spec.unet_channels),
+            up_block_types=("CrossAttnUpBlock2D",) * len(spec.unet_channels),
+            cross_attention_dim=spec.text_hidden_size,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16,) * spec.vae_blocks,
+            down_block_types=("DownEncoderBlock2D",) * spec.vae_blocks,
+            up_block_types=("UpDecoderBlock2D",) * spec.vae_blocks,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=spec.image_size,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=spec.text_hidden_size,
+                intermediate_size=2 * spec.text_hidden_size,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, spec: TinyPipelineSpec | None = None, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it as a diffusers folder at `path` (returned)."""
+    path = Path(path)
+    build_tiny_pipeline(spec, seed).save_pretrained(path)
+    return path

@@ -1,0 +1,503 @@
+"""`Carve3DTrainer`: TRL's `DDPOTrainer` with Carve3D's on-policy batching, KL regularisation and fixes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from trl import DDPOConfig, DDPOTrainer
+from trl.models import DDPOStableDiffusionPipeline
+
+from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, list_checkpoints, prune_checkpoints
+from .config import Carve3DConfig
+from .pipelines import load_lora_into_unet_adapter
+from .prompts import PromptCycler, load_prompts
+from .stats import PromptStatTracker, compute_advantages
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "carve3d_trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def as_carve3d_config(config: DDPOConfig) -> Carve3DConfig:
+    """Return `config` itself if it is a `Carve3DConfig`, else the equivalent with Carve3D's additions turned off."""
+    if isinstance(config, Carve3DConfig):
+        return config
+    fields = {k: v for k, v in vars(config).items() if k in Carve3DConfig.__dataclass_fields__}
+    return Carve3DConfig(**fields, on_policy=False, kl_penalty=False, kl_log=False, warmup_first_epoch=False)
+
+
+class Carve3DTrainer(DDPOTrainer):
+    """DDPO with Carve3D's changes: pure on-policy batching, a KL penalty against the base model normalised per
+    prompt, and per-prompt statistics keyed on the prompts and checkpointed with the run.
+
+    A TRL DDPO script keeps working when it swaps `DDPOTrainer` for this class: given a plain `DDPOConfig` it
+    trains as DDPO does (with TRL 0.23.1's crashes fixed); Carve3D's features come with a [`Carve3DConfig`].
+
+    Args:
+        config ([`DDPOConfig`] or [`Carve3DConfig`]): The training configuration.
+        reward_function (`Callable[[torch.Tensor, tuple[str], tuple[Any]], tuple[torch.Tensor, Any]]`):
+            Maps images `(B, 3, H, W)` in [0, 1], their prompts and prompt metadata to rewards `(B,)` and metadata.
+        prompt_function (`Callable[[], tuple[str, Any]]`, *optional*): Returns one prompt and its metadata per
+            call. Optional when `config.prompt_dataset` names a dataset: the trainer then cycles through its prompts.
+        sd_pipeline ([`~trl.DDPOStableDiffusionPipeline`]): The pipeline to fine-tune.
+        image_samples_hook (`Callable[[list, int, Any], Any]`, *optional*): Called each epoch with the
+            `[images, prompts, prompt_metadata, rewards, reward_metadata]` batches, the global step and the first
+            tracker (`None` when no tracker runs on this process).
+    """
+
+    _tag_names = ["trl", "ddpo", "carve3d"]
+
+    def __init__(
+        self,
+        config: DDPOConfig,
+        reward_function: Callable[[torch.Tensor, tuple[str], tuple[Any]], Any],
+        prompt_function: Callable[[], tuple[str, Any]] | None = None,
+        sd_pipeline: DDPOStableDiffusionPipeline | None = None,
+        image_samples_hook: Callable[[Any, Any, Any], Any] | None = None,
+    ):
+        state = PartialState()  # accelerate's logging needs a state before the Accelerator exists
+        if sd_pipeline is None:
+            raise ValueError("`sd_pipeline` is required, e.g. Carve3DStableDiffusionPipeline('<model id or folder>').")
+        self.config = config = as_carve3d_config(config)
+        self.reward_fn = reward_function
+        self.image_samples_callback = image_samples_hook
+        self.prompt_cycler: PromptCycler | None = None
+        self.eval_prompts: list[str] = []
+        self.prompt_fn = prompt_function or self._prompt_function_from_dataset(state)
+        self.history: list[dict[str, float]] = []
+        self.global_step = 0
+
+        resume_dir = resolve_checkpoint(config.resume_from) if config.resume_from else None
+        self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
+        project_config = ProjectConfiguration(**config.project_kwargs)
+        self.checkpoint_dir = Path(project_config.project_dir or config.logdir) / "checkpoints"
+        if state.is_main_process:
+            clean_stale_temp_dirs(self.checkpoint_dir)
+        project_config.automatic_checkpoint_naming = False  # checkpoints are named and rotated here
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            mixed_precision=config.mixed_precision,
+            project_config=project_config,
+            # gradients accumulate over timesteps too: one optimizer step per `train_gradient_accumulation_steps`
+            # train batches, each contributing `num_train_timesteps` backward passes.
+            gradient_accumulation_steps=config.train_gradient_accumulation_steps * self.num_train_timesteps,
+            **config.accelerator_kwargs,
+        )
+        is_okay, message = self._config_check()
+        if not is_okay:
+            raise ValueError(message)
+        if self.accelerator.is_main_process:
+            tensorboard = config.log_with == "tensorboard"
+            self.accelerator.init_trackers(
+                config.tracker_project_name,
+                config=config.to_dict() if tensorboard else {"carve3d_trainer_config": config.to_dict()},
+                init_kwargs=config.tracker_kwargs,
+            )
+        set_seed(config.seed, device_specific=True)
+
+        self.sd_pipeline = sd_pipeline
+        self.sd_pipeline.set_progress_bar_config(
+            position=1, disable=not self.accelerator.is_local_main_process, leave=False, desc="Timestep"
+        )
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+        inference_dtype = inference_dtype or torch.float32
+        self.sd_pipeline.vae.to(self.accelerator.device, dtype=inference_dtype)
+        self.sd_pipeline.text_encoder.to(self.accelerator.device, dtype=inference_dtype)
+        use_lora = bool(getattr(self.sd_pipeline, "use_lora", False))
+        # A fully trained UNet keeps fp32 weights (autocast computes in half precision); TRL casts it to fp16.
+        self.sd_pipeline.unet.to(self.accelerator.device, dtype=inference_dtype if use_lora else torch.float32)
+
+        self.reference_unet = None
+        if self.computes_kl and not use_lora:
+            self.reference_unet = copy.deepcopy(self.sd_pipeline.unet).requires_grad_(False).eval()
+            self.reference_unet.to(dtype=inference_dtype)
+
+        trainable_layers = self.sd_pipeline.get_trainable_layers()
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.optimizer = self._setup_optimizer(
+            trainable_layers.parameters() if not isinstance(trainable_layers, list) else trainable_layers
+        )
+        self.neg_prompt_embed = self._encode_prompts([config.negative_prompts or ""])
+
+        stat_sizes = (config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
+        self.stat_tracker = PromptStatTracker(*stat_sizes) if config.per_prompt_stat_tracking else None
+        kl_per_prompt = config.kl_penalty and config.kl_in_reward and config.kl_per_prompt_stat_tracking
+        self.kl_stat_tracker = PromptStatTracker(*stat_sizes) if kl_per_prompt else None
+
+        self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
+        if use_lora:
+            unet, self.optimizer = self.accelerator.prepare(trainable_layers, self.optimizer)
+            self.trainable_layers = [p for p in unet.parameters() if p.requires_grad]
+        else:
+            self.trainable_layers, self.optimizer = self.accelerator.prepare(trainable_layers, self.optimizer)
+        if config.async_reward_computation:
+            self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
+
+        self.first_epoch = 0
+        if resume_dir is not None:
+            self._load_checkpoint(resume_dir)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @property
+    def computes_kl(self) -> bool:
+        """Whether sampling also computes the base model's log-probabilities (for the penalty or for logging)."""
+        return self.config.kl_penalty or self.config.kl_log
+
+    def _prompt_function_from_dataset(self, state: PartialState) -> Callable[[], tuple[str, Any]]:
+        config = self.config
+        if not config.prompt_dataset:
+            raise ValueError("Pass a `prompt_function`, or set `prompt_dataset` in a Carve3DConfig.")
+        load = dict(column=config.prompt_column, revision=config.prompt_dataset_revision or None)
+        prompts = load_prompts(
+            config.prompt_dataset, config.prompt_dataset_split, limit=config.prompt_dataset_size, **load
+        )
+        if config.prompt_dataset_eval_split:
+            self.eval_prompts = load_prompts(config.prompt_dataset, config.prompt_dataset_eval_split, **load)
+        self.prompt_cycler = PromptCycler(prompts, config.seed, state.process_index, state.num_processes)
+        return self.prompt_cycler
+
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states `(len(prompts), seq_len, dim)` on the accelerator's device."""
+        tokenizer = self.sd_pipeline.tokenizer
+        ids = tokenizer(
+            prompts, return_tensors="pt", padding="max_length", truncation=True, max_length=tokenizer.model_max_length
+        ).input_ids.to(self.accelerator.device)
+        with torch.no_grad():
+            return self.sd_pipeline.text_encoder(ids)[0]
+
+    @contextlib.contextmanager
+    def reference_unet_scope(self) -> Iterator[torch.nn.Module]:
+        """Yield the base (reference) UNet: the frozen copy, or the trained UNet with its LoRA adapters disabled."""
+        if self.reference_unet is not None:
+            yield self.reference_unet
+            return
+        unet = self.sd_pipeline.unet
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+
+    # ------------------------------------------------------------------ sampling and rewards
+
+    def _generate_samples(self, iterations: int, batch_size: int):
+        """Sample `iterations` batches of `batch_size` images, as TRL does, plus the base model's log-probabilities.
+
+        Returns:
+            samples (`list[dict[str, torch.Tensor]]`): TRL's per-batch tensors (`prompt_embeds`, `timesteps`
+            `(B, T)`, `latents`/`next_latents` `(B, T, C, h, w)`, `log_probs` `(B, T)`, ...), with
+            `ref_log_probs` `(B, T)` added when the KL is computed, and `prompts` (`list[str]`).
+            prompt_image_pairs (`list[list]`): `[images (B, 3, H, W), prompts, prompt_metadata]` per batch.
+        """
+        samples, prompt_image_pairs = super()._generate_samples(iterations, batch_size)
+        for sample, (_, prompts, _) in zip(samples, prompt_image_pairs):
+            sample["prompts"] = list(prompts)
+            if self.computes_kl:
+                sample["ref_log_probs"] = self.reference_log_probs(sample)
+        return samples, prompt_image_pairs
+
+    @torch.no_grad()
+    def reference_log_probs(self, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probability `(B, T)` of each sampled transition `x_t -> x_{t-1}` under the base model.
+
+        The base model sees the same `x_t`, timestep, prompt embeddings and classifier-free guidance as the sampler,
+        and the DDIM step scores the `x_{t-1}` that was actually sampled.
+        """
+        guidance = self.config.sample_guidance_scale
+        embeds = sample["prompt_embeds"]
+        if guidance > 1.0:
+            embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
+        log_probs = []
+        with self.reference_unet_scope() as unet, self.autocast():
+            for j in range(sample["timesteps"].shape[1]):
+                timestep = sample["timesteps"][0, j]  # one schedule per batch, exactly as the sampler used it
+                noise_pred = self._guided_noise(unet, sample["latents"][:, j], timestep, embeds, guidance > 1.0)
+                log_probs.append(
+                    self.sd_pipeline.scheduler_step(
+                        noise_pred,
+                        timestep,
+                        sample["latents"][:, j],
+                        eta=self.config.sample_eta,
+                        prev_sample=sample["next_latents"][:, j],
+                    ).log_probs
+                )
+        return torch.stack(log_probs, dim=1)
+
+    def _guided_noise(
+        self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, cfg: bool
+    ) -> torch.Tensor:
+        """The noise prediction `(B, C, h, w)`; with `cfg`, `embeds` is `[negative; positive]` and guidance applies."""
+        if not cfg:
+            return unet(latents, timesteps, embeds).sample
+        noise_uncond, noise_text = unet(torch.cat([latents] * 2), _repeat_timesteps(timesteps), embeds).sample.chunk(2)
+        return noise_uncond + self.config.sample_guidance_scale * (noise_text - noise_uncond)
+
+    def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
+        """Rewards per sampled batch: `(rewards, reward_metadata)` tuples, as in TRL (whose async mode crashes)."""
+        if is_async:
+            results = list(self.executor.map(lambda pair: self.reward_fn(*pair), prompt_image_pairs))
+        else:
+            results = [self.reward_fn(*pair) for pair in prompt_image_pairs]
+        rewards = [
+            (torch.as_tensor(reward, dtype=torch.float32, device=self.accelerator.device), metadata)
+            for reward, metadata in results
+        ]
+        return zip(*rewards)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """Sample, score, compute advantages and train for one epoch; returns the updated global step.
+
+        Side effects: updates the model, logs statistics to the trackers, calls the image hook, and saves a checkpoint
+        every `save_freq` epochs.
+        """
+        config = self.config
+        samples, prompt_image_data = self._generate_samples(
+            iterations=config.sample_num_batches_per_epoch, batch_size=config.sample_batch_size
+        )
+        prompts = [p for s in samples for p in s.pop("prompts")]
+        samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+        rewards, rewards_metadata = self.compute_rewards(prompt_image_data, is_async=config.async_reward_computation)
+        for i, image_data in enumerate(prompt_image_data):
+            image_data.extend([rewards[i], rewards_metadata[i]])
+        if self.image_samples_callback is not None:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_callback(prompt_image_data, global_step, tracker)
+
+        all_rewards = self.accelerator.gather(torch.cat(rewards)).cpu().numpy()
+        all_prompts = gather_object(prompts)
+        kl = None
+        if "ref_log_probs" in samples:
+            kl = self.accelerator.gather((samples["log_probs"] - samples["ref_log_probs"]).mean(dim=1))
+            kl = kl.float().cpu().numpy()
+        self._log_epoch(epoch, global_step, all_rewards, kl, rewards_metadata)
+
+        use_kl_in_reward = config.kl_penalty and config.kl_in_reward and kl is not None
+        advantages = compute_advantages(
+            all_prompts,
+            all_rewards,
+            self.stat_tracker,
+            kl=kl if use_kl_in_reward else None,
+            kl_tracker=self.kl_stat_tracker,
+            kl_coeff=config.kl_normalized_coeff,
+        )
+        samples["advantages"] = (
+            torch.as_tensor(advantages, dtype=torch.float32)
+            .reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
+            .to(self.accelerator.device)
+        )
+        del samples["prompt_ids"]
+        if not (config.kl_penalty and not config.kl_in_reward):
+            samples.pop("ref_log_probs", None)  # only the in-loss KL needs it during training
+
+        if not (config.warmup_first_epoch and epoch == 0):
+            global_step = self._train_epoch(epoch, global_step, samples)
+        self.global_step = global_step
+        if (epoch + 1) % config.save_freq == 0:
+            self.save_checkpoint(epoch)
+        return global_step
+
+    def _train_epoch(self, epoch: int, global_step: int, samples: dict[str, torch.Tensor]) -> int:
+        total_batch_size, num_timesteps = samples["timesteps"].shape
+        device = self.accelerator.device
+        for inner_epoch in range(self.config.train_num_inner_epochs):
+            perm = torch.randperm(total_batch_size, device=device)
+            samples = {k: v[perm] for k, v in samples.items()}
+            # shuffle the timesteps of each sample independently
+            perms = torch.stack([torch.randperm(num_timesteps, device=device) for _ in range(total_batch_size)])
+            rows = torch.arange(total_batch_size, device=device)[:, None]
+            for key in ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs"):
+                if key in samples:
+                    samples[key] = samples[key][rows, perms]
+            batched = [
+                dict(zip(samples, values))
+                for values in zip(
+                    *(v.reshape(-1, self.config.train_batch_size, *v.shape[1:]) for v in samples.values())
+                )
+            ]
+            self.sd_pipeline.unet.train()
+            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched)
+            if not self.accelerator.sync_gradients:
+                raise ValueError("An optimizer step should have been taken at the end of the inner epoch.")
+        return global_step
+
+    def _log_epoch(self, epoch, global_step, rewards: np.ndarray, kl: np.ndarray | None, rewards_metadata) -> None:
+        summary = {"epoch": epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
+        logs: dict[str, Any] = {"reward": rewards, **summary}
+        if kl is not None:
+            summary.update(kl_mean=float(kl.mean()), kl_std=float(kl.std()))
+            logs.update(kl=kl, kl_mean=summary["kl_mean"], kl_std=summary["kl_std"])
+        mrc = [m["mrc"] for m in rewards_metadata if isinstance(m, dict) and "mrc" in m]
+        if mrc:
+            summary["mrc_mean"] = float(self.accelerator.gather(torch.cat(mrc).to(self.accelerator.device)).mean())
+            logs["mrc_mean"] = summary["mrc_mean"]
+        self.history.append(summary)
+        self.accelerator.log(logs, step=global_step)
+        if self.accelerator.is_main_process:
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+    # ------------------------------------------------------------------ loss
+
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds, ref_log_probs=None):
+        """TRL's clipped PPO loss for one timestep of a train batch, plus, in Carve3D's in-loss KL mode,
+        `kl_beta * mean(log p_theta - log p_ref)` when `ref_log_probs` `(B,)` is given.
+
+        Args:
+            latents (`torch.Tensor`): `x_t`, shape `(B, C, h, w)`.
+            timesteps (`torch.Tensor`): `t`, shape `(B,)`.
+            next_latents (`torch.Tensor`): the sampled `x_{t-1}`, shape `(B, C, h, w)`.
+            log_probs (`torch.Tensor`): log-probabilities at sampling time, shape `(B,)`.
+            advantages (`torch.Tensor`): shape `(B,)`, clipped to `train_adv_clip_max` here.
+            embeds (`torch.Tensor`): prompt embeddings; `[negative; positive]`, `(2B, ...)`, when `train_cfg`.
+            ref_log_probs (`torch.Tensor`, *optional*): the base model's log-probabilities, shape `(B,)`.
+
+        Returns:
+            loss, approx_kl, clipfrac (`torch.Tensor`, scalars).
+        """
+        with self.autocast():
+            noise_pred = self._guided_noise(self.sd_pipeline.unet, latents, timesteps, embeds, self.config.train_cfg)
+            log_prob = self.sd_pipeline.scheduler_step(
+                noise_pred, timesteps, latents, eta=self.config.sample_eta, prev_sample=next_latents
+            ).log_probs
+        advantages = torch.clamp(advantages, -self.config.train_adv_clip_max, self.config.train_adv_clip_max)
+        ratio = torch.exp(log_prob - log_probs)
+        loss = self.loss(advantages, self.config.train_clip_range, ratio)
+        if ref_log_probs is not None:
+            loss = loss + self.config.kl_beta * torch.mean(log_prob - ref_log_probs)
+        approx_kl = 0.5 * torch.mean((log_prob - log_probs) ** 2)
+        clipfrac = torch.mean((torch.abs(ratio - 1.0) > self.config.train_clip_range).float())
+        return loss, approx_kl, clipfrac
+
+    def _train_batched_samples(self, inner_epoch, epoch, global_step, batched_samples):
+        """Train on the rebatched samples; one optimizer step per `train_gradient_accumulation_steps` batches."""
+        info = defaultdict(list)
+        params = self.trainable_layers
+        params = params if isinstance(params, list) else list(params.parameters())
+        for sample in batched_samples:
+            embeds = sample["prompt_embeds"]
+            if self.config.train_cfg:
+                embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
+            for j in range(self.num_train_timesteps):
+                with self.accelerator.accumulate(self.sd_pipeline.unet):
+                    loss, approx_kl, clipfrac = self.calculate_loss(
+                        sample["latents"][:, j],
+                        sample["timesteps"][:, j],
+                        sample["next_latents"][:, j],
+                        sample["log_probs"][:, j],
+                        sample["advantages"],
+                        embeds,
+                        ref_log_probs=sample["ref_log_probs"][:, j] if "ref_log_probs" in sample else None,
+                    )
+                    info["approx_kl"].append(approx_kl)
+                    info["clipfrac"].append(clipfrac)
+                    info["loss"].append(loss)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(params, self.config.train_max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                if self.accelerator.sync_gradients:
+                    logs = {k: torch.mean(torch.stack(v)) for k, v in info.items()}
+                    logs = self.accelerator.reduce(logs, reduction="mean")
+                    logs.update({"epoch": epoch, "inner_epoch": inner_epoch})
+                    self.accelerator.log(logs, step=global_step)
+                    global_step += 1
+                    info = defaultdict(list)
+        return global_step
+
+    # ------------------------------------------------------------------ training loop and checkpoints
+
+    def train(self, epochs: int | None = None) -> None:
+        """Train until epoch `epochs` (default `config.num_epochs`), continuing the global step of a resumed run."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        global_step = self.global_step
+        for epoch in range(self.first_epoch, epochs):
+            global_step = self.step(epoch, global_step)
+        self.first_epoch = max(self.first_epoch, epochs)
+
+    def trainer_state_dict(self) -> dict[str, Any]:
+        """Everything besides the model, optimizer and RNG states that an exact resume needs (JSON-serialisable)."""
+        return {
+            "global_step": self.global_step,
+            "history": self.history,
+            "reward_stats": self.stat_tracker.state_dict() if self.stat_tracker else None,
+            "kl_stats": self.kl_stat_tracker.state_dict() if self.kl_stat_tracker else None,
+            "prompt_cycler": self.prompt_cycler.state_dict() if self.prompt_cycler else None,
+        }
+
+    def load_trainer_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `trainer_state_dict` saved."""
+        self.global_step = int(state["global_step"])
+        self.history = list(state.get("history", []))
+        for tracker, key in ((self.stat_tracker, "reward_stats"), (self.kl_stat_tracker, "kl_stats")):
+            if tracker is not None and state.get(key):
+                tracker.load_state_dict(state[key])
+        if self.prompt_cycler is not None and state.get("prompt_cycler"):
+            self.prompt_cycler.load_state_dict(state["prompt_cycler"])
+
+    def save_checkpoint(self, epoch: int) -> Path | None:
+        """Save a resumable checkpoint of the run after `epoch` as `<checkpoint_dir>/checkpoint_<epoch>`.
+
+        The checkpoint is written into a temporary folder and renamed into place once complete, so an interrupted
+        save never leaves a folder that looks like a checkpoint; only the newest `num_checkpoint_limit` are kept.
+        """
+        if not self.accelerator.is_main_process:
+            return None
+        path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{epoch}"
+        with atomic_directory(path) as tmp:
+            self.accelerator.save_state(str(tmp))
+            atomic_write_json(tmp / TRAINER_STATE_NAME, {"epoch": epoch, **self.trainer_state_dict()})
+        prune_checkpoints(self.checkpoint_dir, self.config.num_checkpoint_limit, prefix=CHECKPOINT_PREFIX)
+        return path
+
+    def _load_model_hook(self, models, input_dir):
+        if getattr(self.sd_pipeline, "use_lora", False):
+            load_lora_into_unet_adapter(self.sd_pipeline.unet, input_dir)
+            models.pop()  # accelerate must not load the model itself
+        else:
+            super()._load_model_hook(models, input_dir)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        logger.info("Resuming from %s", path)
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / TRAINER_STATE_NAME).read_text())
+        self.load_trainer_state_dict(state)
+        self.first_epoch = int(state["epoch"]) + 1
+
+
+def _repeat_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
+    return timesteps if timesteps.ndim == 0 else torch.cat([timesteps] * 2)
+
+
+def resolve_checkpoint(resume_from: str) -> Path:
+    """A checkpoint folder, or the newest `checkpoint_<n>` inside a folder of checkpoints."""
+    path = Path(os.path.expanduser(resume_from))
+    if (path / TRAINER_STATE_NAME).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = list_checkpoints(root, prefix=CHECKPOINT_PREFIX)
+        if found:
+            return found[-1]
+    raise ValueError(
+        f"`resume_from` '{resume_from}' holds no Carve3D checkpoint (a folder with {TRAINER_STATE_NAME}, or "
+        "checkpoint_<epoch> folders); point it at a checkpoint or at the run's checkpoints folder."
+    )
