@@ -51,7 +51,7 @@ _KL_DETAIL_KEYS = ("kl_in_reward", "kl_normalized_coeff", "kl_beta", "kl_per_pro
 _CURVES: tuple[tuple[str, str, str | None], ...] = (
     ("Reward", "reward_mean", "reward_std"),
     ("KL to the base model", "kl_mean", None),
-    ("MRC (LPIPS, lower is better)", "mrc_mean", None),
+    ("MRC (lower is better)", "mrc_mean", None),
 )
 _METRICS = (
     ("Reward mean", "reward_mean"),

@@ -22,6 +22,9 @@ from trl.models import DDPOStableDiffusionPipeline
 
 from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, list_checkpoints, prune_checkpoints
 from .config import Carve3DConfig
+from .export import save_samples, save_unet_weights
+from .hub import push_folder_to_hub
+from .model_card import ModelCardInfo, write_model_card
 from .pipelines import load_lora_into_unet_adapter
 from .prompts import PromptCycler, load_prompts
 from .stats import PromptStatTracker, compute_advantages
@@ -30,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "carve3d_trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint_"
+CONFIG_NAME = "carve3d_config.json"
+HISTORY_NAME = "training_history.json"
+NUM_CARD_SAMPLES = 4
 
 
 def as_carve3d_config(config: DDPOConfig) -> Carve3DConfig:
@@ -79,6 +85,7 @@ class Carve3DTrainer(DDPOTrainer):
         self.eval_prompts: list[str] = []
         self.prompt_fn = prompt_function or self._prompt_function_from_dataset(state)
         self.history: list[dict[str, float]] = []
+        self.card_samples: list[dict[str, Any]] = []
         self.global_step = 0
 
         resume_dir = resolve_checkpoint(config.resume_from) if config.resume_from else None
@@ -282,6 +289,7 @@ class Carve3DTrainer(DDPOTrainer):
         if self.image_samples_callback is not None:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
             self.image_samples_callback(prompt_image_data, global_step, tracker)
+        self.card_samples = collect_card_samples(prompt_image_data, NUM_CARD_SAMPLES)
 
         all_rewards = self.accelerator.gather(torch.cat(rewards)).cpu().numpy()
         all_prompts = gather_object(prompts)
@@ -428,9 +436,12 @@ class Carve3DTrainer(DDPOTrainer):
 
     def train(self, epochs: int | None = None) -> None:
         """Train until epoch `epochs` (default `config.num_epochs`), continuing the global step of a resumed run."""
+        from tqdm.auto import tqdm
+
         epochs = self.config.num_epochs if epochs is None else epochs
         global_step = self.global_step
-        for epoch in range(self.first_epoch, epochs):
+        bar = tqdm(range(self.first_epoch, epochs), desc="Epoch", disable=not self.accelerator.is_local_main_process)
+        for epoch in bar:
             global_step = self.step(epoch, global_step)
         self.first_epoch = max(self.first_epoch, epochs)
 
@@ -469,6 +480,94 @@ class Carve3DTrainer(DDPOTrainer):
         prune_checkpoints(self.checkpoint_dir, self.config.num_checkpoint_limit, prefix=CHECKPOINT_PREFIX)
         return path
 
+    # ------------------------------------------------------------------ saving and the Hub
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs,
+    ) -> str | None:
+        """Save the trained weights with a model card, atomically, into `save_directory` (TRL's crashes).
+
+        The folder holds `pytorch_lora_weights.safetensors` (diffusers format; the full UNet under `unet/` without
+        LoRA), `README.md` rendered from `model_card_template.md`, `carve3d_config.json` (the training config, or
+        `config` when given), `training_history.json` (per-epoch reward/KL/MRC), `training_curves.png` and
+        `samples/` (the last epoch's grids beside their renders). `model_card_kwargs` override `ModelCardInfo`
+        fields (e.g. `license`, `prompt_dataset`). With `push_to_hub`, also uploads it to `repo_id` and returns the
+        commit URL.
+        """
+        save_directory = Path(save_directory)
+        if self.accelerator.is_main_process:
+            with atomic_directory(save_directory) as tmp:
+                self._write_model_folder(tmp, config, repo_id, model_card_kwargs or {})
+        self.accelerator.wait_for_everyone()
+        if push_to_hub:
+            if repo_id is None:
+                raise ValueError("`push_to_hub=True` needs a `repo_id`.")
+            return self._upload(save_directory, repo_id, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        config: dict | None = None,
+        commit_message: str = "Upload Carve3D LoRA",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        allow_patterns: list[str] | str | None = None,
+        ignore_patterns: list[str] | str | None = None,
+        delete_patterns: list[str] | str | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Save the model folder under `<logdir>/hub/<repo name>` and upload it to the Hub model repo `repo_id`.
+
+        Transient network errors are retried; when the upload fails for good, `HubUploadError` says where the local
+        folder is kept. Returns the commit URL. (`create_pr`, `allow_patterns`, `ignore_patterns` and
+        `delete_patterns` are accepted for signature compatibility and not supported.)
+        """
+        unsupported = dict(create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        unsupported["delete_patterns"] = delete_patterns
+        given = [name for name, value in unsupported.items() if value]
+        if given:
+            raise ValueError(f"push_to_hub does not support {given}; upload the saved folder yourself for those.")
+        folder = Path(self.config.logdir) / "hub" / repo_id.replace("/", "--")
+        self.save_pretrained(folder, config=config, repo_id=repo_id, model_card_kwargs=model_card_kwargs)
+        return self._upload(
+            folder, repo_id, commit_message=commit_message, private=private, token=token, branch=branch
+        )
+
+    def _upload(self, folder: Path, repo_id: str, branch: str | None = None, **kwargs) -> str:
+        url = ""
+        if self.accelerator.is_main_process:
+            url = push_folder_to_hub(folder, repo_id, revision=branch, **kwargs)
+        self.accelerator.wait_for_everyone()
+        return url
+
+    def _write_model_folder(self, folder: Path, config: dict | None, repo_id: str | None, card: dict) -> None:
+        save_unet_weights(self.sd_pipeline, folder)
+        training_config = config if config is not None else self.config.to_dict()
+        atomic_write_json(folder / CONFIG_NAME, training_config)
+        atomic_write_json(folder / HISTORY_NAME, self.history)
+        info = ModelCardInfo(
+            base_model=str(getattr(self.sd_pipeline, "pretrained_model", "")),
+            repo_id=repo_id,
+            prompt_dataset=self.config.prompt_dataset or None,
+            training_config={**training_config, "lora_rank": getattr(self.sd_pipeline, "lora_rank", None)},
+            history=self.history,
+            samples=save_samples(self.card_samples, folder),
+        )
+        for key, value in card.items():
+            setattr(info, key, value)
+        write_model_card(folder, info)
+
     def _load_model_hook(self, models, input_dir):
         if getattr(self.sd_pipeline, "use_lora", False):
             load_lora_into_unet_adapter(self.sd_pipeline.unet, input_dir)
@@ -482,6 +581,20 @@ class Carve3DTrainer(DDPOTrainer):
         state = json.loads((path / TRAINER_STATE_NAME).read_text())
         self.load_trainer_state_dict(state)
         self.first_epoch = int(state["epoch"]) + 1
+
+
+def collect_card_samples(prompt_image_data: list[list[Any]], limit: int) -> list[dict[str, Any]]:
+    """The first `limit` samples of an epoch as dicts for the model card: prompt, image, reward, renders, MRC."""
+    samples = []
+    for images, prompts, _, rewards, metadata in prompt_image_data:
+        metadata = metadata if isinstance(metadata, dict) else {}
+        for i in range(min(limit - len(samples), len(prompts))):
+            sample = {"prompt": prompts[i], "image": images[i].detach().cpu(), "reward": float(rewards[i])}
+            for key in ("renders", "mrc"):
+                if key in metadata:
+                    sample[key] = metadata[key][i].detach().cpu()
+            samples.append(sample)
+    return samples
 
 
 def _repeat_timesteps(timesteps: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,9 @@ def test_carve3d_pipeline_needs_no_prior_accelerate_state(tiny_model_path):
     assert ranks == {2}
 
 
-@pytest.mark.parametrize(("num_batches", "on_policy", "accumulation", "expected_steps"), [(2, True, 1, 1), (3, False, 1, 3)])
+@pytest.mark.parametrize(
+    ("num_batches", "on_policy", "accumulation", "expected_steps"), [(2, True, 1, 1), (3, False, 1, 3)]
+)
 def test_updates_per_epoch(tiny_model_path, tmp_path, num_batches, on_policy, accumulation, expected_steps):
     trainer = make_trainer(
         tiny_model_path,
@@ -148,7 +150,9 @@ def test_kl_is_zero_with_a_fresh_lora_then_positive_and_matches_the_base_unet(ti
             t = sample["timesteps"][0, j]
             uncond, text = base.unet(torch.cat([sample["latents"][:, j]] * 2), t, embeds).sample.chunk(2)
             noise = uncond + 5.0 * (text - uncond)
-            out = scheduler_step(base.scheduler, noise, t, sample["latents"][:, j], 1.0, prev_sample=sample["next_latents"][:, j])
+            out = scheduler_step(
+                base.scheduler, noise, t, sample["latents"][:, j], 1.0, prev_sample=sample["next_latents"][:, j]
+            )
             expected.append(out.log_probs)
     torch.testing.assert_close(sample["ref_log_probs"], torch.stack(expected, dim=1), atol=1e-5, rtol=1e-5)
 
@@ -174,7 +178,9 @@ class Recorder:
         original = trainer_module.compute_advantages
 
         def spy(prompts, rewards, reward_tracker, kl=None, kl_tracker=None, kl_coeff=0.0):
-            self.inputs.append(dict(prompts=list(prompts), rewards=rewards.copy(), kl=None if kl is None else kl.copy()))
+            self.inputs.append(
+                dict(prompts=list(prompts), rewards=rewards.copy(), kl=None if kl is None else kl.copy())
+            )
             out = original(prompts, rewards, reward_tracker, kl=kl, kl_tracker=kl_tracker, kl_coeff=kl_coeff)
             self.outputs.append(out)
             return out
@@ -229,7 +235,14 @@ def test_kl_in_loss_leaves_advantages_alone_and_adds_beta_times_kl(tiny_model_pa
     samples, _ = trainer._generate_samples(iterations=1, batch_size=2)
     s = samples[0]
     embeds = torch.cat([s["negative_prompt_embeds"], s["prompt_embeds"]])
-    args = (s["latents"][:, 0], s["timesteps"][:, 0], s["next_latents"][:, 0], s["log_probs"][:, 0], torch.ones(2), embeds)
+    args = (
+        s["latents"][:, 0],
+        s["timesteps"][:, 0],
+        s["next_latents"][:, 0],
+        s["log_probs"][:, 0],
+        torch.ones(2),
+        embeds,
+    )
     with torch.no_grad():
         loss_0, _, _ = trainer.calculate_loss(*args, ref_log_probs=torch.zeros(2))
         loss_1, _, _ = trainer.calculate_loss(*args, ref_log_probs=torch.ones(2))
@@ -310,3 +323,25 @@ def test_resume_restores_global_step_statistics_and_epoch(tiny_model_path, tmp_p
 def test_resume_from_a_folder_without_checkpoints_is_an_error(tiny_model_path, tmp_path):
     with pytest.raises(ValueError, match="holds no Carve3D checkpoint"):
         make_trainer(tiny_model_path, tmp_path, resume_from=str(tmp_path))
+
+
+def test_a_resumed_run_reaches_the_same_lora_as_an_uninterrupted_one(tiny_model_path, tmp_path):
+    """Exact resume: LoRA, optimizer, RNG states, statistics, prompt order, global step and epoch are restored."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red cube\na blue sphere\n")
+    settings = dict(prompt_dataset=str(path), train_learning_rate=3e-3, per_prompt_stat_tracking_min_count=2)
+
+    def run(logdir, **extra):
+        config = Carve3DConfig(**SMALL, **settings, logdir=str(logdir), **extra)
+        return Carve3DTrainer(config, brightness, sd_pipeline=Carve3DStableDiffusionPipeline(tiny_model_path))
+
+    uninterrupted = run(tmp_path / "a")
+    uninterrupted.train(epochs=4)
+    interrupted = run(tmp_path / "b")
+    interrupted.train(epochs=2)  # warm-up epoch + one update, checkpoint_1 written
+    del interrupted
+    resumed = run(tmp_path / "b", resume_from=str(tmp_path / "b"))
+    resumed.train(epochs=4)
+    assert resumed.global_step == uninterrupted.global_step == 3
+    torch.testing.assert_close(lora_vector(resumed), lora_vector(uninterrupted), atol=1e-6, rtol=0)
+    assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in uninterrupted.history]
