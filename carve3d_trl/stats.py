@@ -83,6 +83,9 @@ def compute_advantages(
 ) -> np.ndarray:
     """Carve3D's advantages, shape `(N,)`: `normalised_reward - kl_coeff * normalised_kl`.
 
+    Samples whose reward (or KL) is NaN or infinite are left out: they neither enter the statistics nor the
+    normalisation of the others, and their advantage is 0, so they contribute no policy gradient.
+
     Args:
         prompts (`Sequence[str]`): The prompt of each sample, length `N`.
         rewards (`np.ndarray`): Rewards, shape `(N,)`.
@@ -93,8 +96,18 @@ def compute_advantages(
             the batch.
         kl_coeff (`float`): Weight of the normalised KL.
     """
-    advantages = reward_tracker.update(prompts, rewards) if reward_tracker else normalize_batch(rewards)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    valid = np.isfinite(rewards) if kl is None else np.isfinite(rewards) & np.isfinite(kl)
+    advantages = np.zeros_like(rewards)
+    if not valid.any():
+        return advantages
+    prompts = [p for p, ok in zip(prompts, valid) if ok]
+    rewards = rewards[valid]
+    valid_advantages = reward_tracker.update(prompts, rewards) if reward_tracker else normalize_batch(rewards)
     if kl is not None:
-        normalised_kl = kl_tracker.update(prompts, kl) if kl_tracker else normalize_batch(kl)
-        advantages = advantages - kl_coeff * normalised_kl
+        kl = np.asarray(kl, dtype=np.float64)[valid]
+        valid_advantages = valid_advantages - kl_coeff * (
+            kl_tracker.update(prompts, kl) if kl_tracker else normalize_batch(kl)
+        )
+    advantages[valid] = valid_advantages
     return advantages

@@ -349,14 +349,25 @@ class Carve3DTrainer(DDPOTrainer):
         return global_step
 
     def _log_epoch(self, epoch, global_step, rewards: np.ndarray, kl: np.ndarray | None, rewards_metadata) -> None:
-        summary = {"epoch": epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
+        finite = rewards[np.isfinite(rewards)]
+        invalid = int(rewards.size - finite.size)
+        summary = {"epoch": epoch, "reward_mean": _mean(finite), "reward_std": _std(finite), "reward_invalid": invalid}
+        if invalid:
+            logger.warning(
+                "Epoch %d: %d of %d rewards are NaN or infinite (e.g. a failed reconstruction); those samples are "
+                "left out of the advantages and statistics.",
+                epoch,
+                invalid,
+                rewards.size,
+            )
         logs: dict[str, Any] = {"reward": rewards, **summary}
         if kl is not None:
             summary.update(kl_mean=float(kl.mean()), kl_std=float(kl.std()))
             logs.update(kl=kl, kl_mean=summary["kl_mean"], kl_std=summary["kl_std"])
         mrc = [m["mrc"] for m in rewards_metadata if isinstance(m, dict) and "mrc" in m]
         if mrc:
-            summary["mrc_mean"] = float(self.accelerator.gather(torch.cat(mrc).to(self.accelerator.device)).mean())
+            mrc = self.accelerator.gather(torch.cat(mrc).to(self.accelerator.device)).float().cpu().numpy()
+            summary["mrc_mean"] = _mean(mrc[np.isfinite(mrc)])
             logs["mrc_mean"] = summary["mrc_mean"]
         self.history.append(summary)
         self.accelerator.log(logs, step=global_step)
@@ -419,9 +430,15 @@ class Carve3DTrainer(DDPOTrainer):
                     info["clipfrac"].append(clipfrac)
                     info["loss"].append(loss)
                     self.accelerator.backward(loss)
+                    finite = True
                     if self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(params, self.config.train_max_grad_norm)
-                    self.optimizer.step()
+                        grad_norm = self.accelerator.clip_grad_norm_(params, self.config.train_max_grad_norm)
+                        finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        self.optimizer.step()
+                    else:  # never write NaN/inf into the weights
+                        logger.warning("Epoch %d: non-finite gradient norm; optimizer step skipped.", epoch)
+                        info["skipped_steps"].append(torch.ones((), device=self.accelerator.device))
                     self.optimizer.zero_grad()
                 if self.accelerator.sync_gradients:
                     logs = {k: torch.mean(torch.stack(v)) for k, v in info.items()}
@@ -595,6 +612,14 @@ def collect_card_samples(prompt_image_data: list[list[Any]], limit: int) -> list
                     sample[key] = metadata[key][i].detach().cpu()
             samples.append(sample)
     return samples
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _std(values: np.ndarray) -> float:
+    return float(values.std()) if values.size else float("nan")
 
 
 def _repeat_timesteps(timesteps: torch.Tensor) -> torch.Tensor:

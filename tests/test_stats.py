@@ -75,3 +75,25 @@ def test_without_kl_the_advantage_is_the_normalised_reward():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="2 prompts for 3 values"):
         PromptStatTracker(4, 1).update(["a", "b"], np.zeros(3))
+
+
+def test_non_finite_rewards_are_left_out_of_advantages_and_statistics():
+    rewards = np.array([1.0, np.nan, 3.0, np.inf, 2.0, 4.0])
+    tracker = PromptStatTracker(buffer_size=16, min_count=1)
+    got = compute_advantages(PROMPTS, rewards, tracker)
+    assert got[1] == 0.0 and got[3] == 0.0
+    cat = np.array([1.0, 3.0, 2.0])  # "a cat" rows 0, 2, 4; "a dog" keeps only row 5
+    np.testing.assert_allclose(got[[0, 2, 4]], (cat - cat.mean()) / (cat.std() + 1e-6))
+    assert all(np.isfinite(v) for buffer in tracker.buffers.values() for v in buffer)
+    assert list(tracker.buffers["a dog"]) == [4.0]
+
+
+def test_a_non_finite_kl_excludes_its_sample_and_all_invalid_gives_zero():
+    kl = KL.copy()
+    kl[0] = np.nan
+    got = compute_advantages(PROMPTS, REWARDS, None, kl=kl, kl_coeff=0.2)
+    valid = np.arange(1, 6)
+    expected = normalize_batch(REWARDS[valid]) - 0.2 * normalize_batch(KL[valid])
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got[valid], expected)
+    np.testing.assert_array_equal(compute_advantages(["a"], np.array([np.nan]), None), [0.0])

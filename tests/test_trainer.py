@@ -345,3 +345,34 @@ def test_a_resumed_run_reaches_the_same_lora_as_an_uninterrupted_one(tiny_model_
     assert resumed.global_step == uninterrupted.global_step == 3
     torch.testing.assert_close(lora_vector(resumed), lora_vector(uninterrupted), atol=1e-6, rtol=0)
     assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in uninterrupted.history]
+
+
+def test_nan_rewards_are_contained_counted_and_never_reach_the_lora(tiny_model_path, tmp_path):
+    def flaky_reward(images, prompts, metadata):
+        rewards = images.mean(dim=(1, 2, 3))
+        rewards[0] = float("nan")  # e.g. an all-white view whose reconstruction failed
+        return rewards, {}
+
+    trainer = make_trainer(tiny_model_path, tmp_path, reward=flaky_reward, warmup_first_epoch=False)
+    before = lora_vector(trainer)
+    trainer.train(epochs=2)
+    after = lora_vector(trainer)
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    assert [h["reward_invalid"] for h in trainer.history] == [2, 2]  # one per batch of 2, two batches per epoch
+    assert all(np.isfinite(h["reward_mean"]) for h in trainer.history)
+    assert all(np.isfinite(v) for buffer in trainer.stat_tracker.buffers.values() for v in buffer)
+
+
+def test_a_non_finite_gradient_skips_the_optimizer_step(tiny_model_path, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_path, tmp_path, warmup_first_epoch=False)
+    calculate_loss = trainer.calculate_loss
+
+    def poisoned(*args, **kwargs):
+        loss, approx_kl, clipfrac = calculate_loss(*args, **kwargs)
+        return loss * float("nan"), approx_kl, clipfrac
+
+    monkeypatch.setattr(trainer, "calculate_loss", poisoned)
+    before = lora_vector(trainer)
+    steps = count_optimizer_steps(trainer)
+    trainer.train(epochs=1)
+    assert steps["n"] == 0 and torch.equal(before, lora_vector(trainer))
