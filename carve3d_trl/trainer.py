@@ -262,7 +262,7 @@ class Carve3DTrainer(DDPOTrainer):
         if is_async:
             results = list(self.executor.map(lambda pair: self.reward_fn(*pair), prompt_image_pairs))
         else:
-            results = [self.reward_fn(*pair) for pair in prompt_image_pairs]
+            results = [self.reward_fn(*pair) for pair in self._progress(prompt_image_pairs, "Reward")]
         rewards = [
             (torch.as_tensor(reward, dtype=torch.float32, device=self.accelerator.device), metadata)
             for reward, metadata in results
@@ -374,6 +374,13 @@ class Carve3DTrainer(DDPOTrainer):
         if self.accelerator.is_main_process:
             logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
+    def _progress(self, items, description: str):
+        """A progress bar over `items` on the local main process (the epoch bar stays, the others clear)."""
+        from tqdm.auto import tqdm
+
+        disable = not self.accelerator.is_local_main_process
+        return tqdm(items, desc=description, leave=description == "Epoch", disable=disable)
+
     # ------------------------------------------------------------------ loss
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds, ref_log_probs=None):
@@ -411,7 +418,7 @@ class Carve3DTrainer(DDPOTrainer):
         info = defaultdict(list)
         params = self.trainable_layers
         params = params if isinstance(params, list) else list(params.parameters())
-        for sample in batched_samples:
+        for sample in self._progress(batched_samples, "Train"):
             embeds = sample["prompt_embeds"]
             if self.config.train_cfg:
                 embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
@@ -453,12 +460,9 @@ class Carve3DTrainer(DDPOTrainer):
 
     def train(self, epochs: int | None = None) -> None:
         """Train until epoch `epochs` (default `config.num_epochs`), continuing the global step of a resumed run."""
-        from tqdm.auto import tqdm
-
         epochs = self.config.num_epochs if epochs is None else epochs
         global_step = self.global_step
-        bar = tqdm(range(self.first_epoch, epochs), desc="Epoch", disable=not self.accelerator.is_local_main_process)
-        for epoch in bar:
+        for epoch in self._progress(range(self.first_epoch, epochs), "Epoch"):
             global_step = self.step(epoch, global_step)
         self.first_epoch = max(self.first_epoch, epochs)
 
