@@ -24,6 +24,14 @@ from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, 
 from .config import Carve3DConfig
 from .export import save_samples, save_unet_weights
 from .hub import push_folder_to_hub
+from .interrupts import (
+    StopRequest,
+    TrainingInterrupted,
+    capture_rng_states,
+    exit_for,
+    restore_rng_states,
+    stop_on_signals,
+)
 from .model_card import ModelCardInfo, write_model_card
 from .pipelines import load_lora_into_unet_adapter
 from .prompts import PromptCycler, load_prompts
@@ -87,6 +95,8 @@ class Carve3DTrainer(DDPOTrainer):
         self.history: list[dict[str, float]] = []
         self.card_samples: list[dict[str, Any]] = []
         self.global_step = 0
+        self.stop_request = StopRequest()
+        self._epoch_updated = False  # whether the current epoch has changed the weights yet
 
         resume_dir = resolve_checkpoint(config.resume_from) if config.resume_from else None
         self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
@@ -298,6 +308,7 @@ class Carve3DTrainer(DDPOTrainer):
             kl = self.accelerator.gather((samples["log_probs"] - samples["ref_log_probs"]).mean(dim=1))
             kl = kl.float().cpu().numpy()
         self._log_epoch(epoch, global_step, all_rewards, kl, rewards_metadata)
+        self.stop_request.raise_if_requested()
 
         use_kl_in_reward = config.kl_penalty and config.kl_in_reward and kl is not None
         advantages = compute_advantages(
@@ -423,6 +434,8 @@ class Carve3DTrainer(DDPOTrainer):
             if self.config.train_cfg:
                 embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
             for j in range(self.num_train_timesteps):
+                if not self._epoch_updated:
+                    self.stop_request.raise_if_requested()
                 with self.accelerator.accumulate(self.sd_pipeline.unet):
                     loss, approx_kl, clipfrac = self.calculate_loss(
                         sample["latents"][:, j],
@@ -443,6 +456,7 @@ class Carve3DTrainer(DDPOTrainer):
                         finite = bool(torch.isfinite(grad_norm))
                     if finite:
                         self.optimizer.step()
+                        self._epoch_updated = self._epoch_updated or self.accelerator.sync_gradients
                     else:  # never write NaN/inf into the weights
                         logger.warning("Epoch %d: non-finite gradient norm; optimizer step skipped.", epoch)
                         info["skipped_steps"].append(torch.ones((), device=self.accelerator.device))
@@ -461,10 +475,36 @@ class Carve3DTrainer(DDPOTrainer):
     def train(self, epochs: int | None = None) -> None:
         """Train until epoch `epochs` (default `config.num_epochs`), continuing the global step of a resumed run."""
         epochs = self.config.num_epochs if epochs is None else epochs
-        global_step = self.global_step
-        for epoch in self._progress(range(self.first_epoch, epochs), "Epoch"):
-            global_step = self.step(epoch, global_step)
+        with stop_on_signals() as self.stop_request:
+            for epoch in self._progress(range(self.first_epoch, epochs), "Epoch"):
+                self._run_epoch(epoch)
         self.first_epoch = max(self.first_epoch, epochs)
+
+    def _run_epoch(self, epoch: int) -> None:
+        """One `step`, made interruptible: on SIGTERM/SIGINT, save a checkpoint the run resumes from exactly, exit.
+
+        A stop requested before the epoch changes the weights abandons the epoch: the random generators and the
+        trainer state are rolled back to the epoch's start and the checkpoint of the previous epoch is written. A
+        stop requested later (multi-update DDPO) lets the epoch finish and checkpoints it.
+        """
+        rng_states, trainer_state = capture_rng_states(), copy.deepcopy(self.trainer_state_dict())
+        self._epoch_updated = False
+        try:
+            self.step(epoch, self.global_step)
+        except TrainingInterrupted as interrupt:
+            restore_rng_states(rng_states)
+            self.load_trainer_state_dict(trainer_state)
+            if epoch > 0:  # before epoch 0 completes there is no progress to keep
+                self.save_checkpoint(epoch - 1)
+            logger.warning(
+                "%s during epoch %d: the run is saved up to epoch %d; exiting.", interrupt, epoch, epoch - 1
+            )
+            raise exit_for(interrupt.signum) from None
+        if self.stop_request:
+            if (epoch + 1) % self.config.save_freq:
+                self.save_checkpoint(epoch)
+            logger.warning("Stop requested: saved the run up to epoch %d; exiting.", epoch)
+            raise exit_for(self.stop_request.signum)
 
     def trainer_state_dict(self) -> dict[str, Any]:
         """Everything besides the model, optimizer and RNG states that an exact resume needs (JSON-serialisable)."""

@@ -1,6 +1,8 @@
 """Carve3DTrainer on a tiny CPU model: DDPO compatibility, on-policy batching, KL, advantages, learning, resume."""
 
 import gc
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -376,3 +378,38 @@ def test_a_non_finite_gradient_skips_the_optimizer_step(tiny_model_path, tmp_pat
     steps = count_optimizer_steps(trainer)
     trainer.train(epochs=1)
     assert steps["n"] == 0 and torch.equal(before, lora_vector(trainer))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tiny_model_path, tmp_path, signum):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red cube\na blue sphere\n")
+    settings = dict(prompt_dataset=str(path), train_learning_rate=3e-3, save_freq=100, warmup_first_epoch=False)
+    calls = {"n": 0}
+
+    def reward_then_signal(images, prompts, metadata):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during epoch 2 (two reward calls per epoch)
+            os.kill(os.getpid(), signum)
+        return brightness(images, prompts, metadata)
+
+    def run(logdir, reward, **extra):
+        config = Carve3DConfig(**SMALL, **settings, logdir=str(logdir), **extra)
+        return Carve3DTrainer(config, reward, sd_pipeline=Carve3DStableDiffusionPipeline(tiny_model_path))
+
+    interrupted = run(tmp_path / "b", reward_then_signal)
+    original_handler = signal.getsignal(signum)
+    expected_exit = KeyboardInterrupt if signum == signal.SIGINT else SystemExit
+    with pytest.raises(expected_exit):
+        interrupted.train(epochs=4)
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["checkpoint_1"]
+    assert signal.getsignal(signum) is original_handler
+    assert calls["n"] == 6  # stopped at the next safe point: after epoch 2's sampling, before its update
+
+    uninterrupted = run(tmp_path / "a", brightness)
+    uninterrupted.train(epochs=4)
+    resumed = run(tmp_path / "b", brightness, resume_from=str(tmp_path / "b"))
+    assert resumed.first_epoch == 2
+    resumed.train(epochs=4)
+    torch.testing.assert_close(lora_vector(resumed), lora_vector(uninterrupted), atol=1e-6, rtol=0)
+    assert resumed.global_step == uninterrupted.global_step == 4
