@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import DDPOConfig
 
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
 
 @dataclass
 class Carve3DConfig(DDPOConfig):
@@ -101,6 +103,10 @@ class Carve3DConfig(DDPOConfig):
             raise ValueError(
                 f"`prompt_dataset_size` must be >= 0 (0 uses all prompts), got {self.prompt_dataset_size}."
             )
+        if self.resume_from:
+            from .checkpoints import resolve_checkpoint
+
+            resolve_checkpoint(self.resume_from)  # a missing checkpoint fails here, before any model loads
 
 
 def validate_batching(config: DDPOConfig) -> None:
@@ -112,6 +118,33 @@ def validate_batching(config: DDPOConfig) -> None:
         raise ValueError(
             f"`train_timestep_fraction` must be in (0, 1], got {config.train_timestep_fraction}; "
             "1.0 trains on every sampled timestep."
+        )
+    for name in ("num_epochs", "save_freq", "num_checkpoint_limit", "per_prompt_stat_tracking_buffer_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {getattr(config, name)}.")
+    for name in ("train_learning_rate", "train_clip_range", "train_adv_clip_max", "train_max_grad_norm"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"`{name}` must be > 0, got {getattr(config, name)}.")
+    if not config.sample_eta > 0:
+        raise ValueError(
+            f"`sample_eta` must be > 0, got {config.sample_eta}: DDPO's log-probabilities need a stochastic DDIM "
+            "sampler (the recipe uses 1.0)."
+        )
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got '{config.mixed_precision}'.")
+    if config.log_with not in (None, "tensorboard", "wandb"):
+        raise ValueError(f"`log_with` must be 'tensorboard', 'wandb' or unset, got '{config.log_with}'.")
+    if config.train_cfg and config.sample_guidance_scale <= 1.0:
+        raise ValueError(
+            f"`train_cfg=True` trains with classifier-free guidance, but `sample_guidance_scale` is "
+            f"{config.sample_guidance_scale} (<= 1 samples without it), so the log-probabilities would not match; "
+            "set `sample_guidance_scale` > 1 or `train_cfg=False`."
+        )
+    if config.per_prompt_stat_tracking_min_count > config.per_prompt_stat_tracking_buffer_size:
+        raise ValueError(
+            f"`per_prompt_stat_tracking_min_count` ({config.per_prompt_stat_tracking_min_count}) exceeds "
+            f"`per_prompt_stat_tracking_buffer_size` ({config.per_prompt_stat_tracking_buffer_size}), so per-prompt "
+            "statistics would never be used; the recipe uses buffer = 3 x min_count."
         )
     if config.sample_batch_size % config.train_batch_size:
         raise ValueError(

@@ -86,6 +86,11 @@ def clean_prompts(raw: list[Any], source: str = "prompts", limit: int = 0) -> li
     unique = list(dict.fromkeys(prompts))
     if not unique:
         raise ValueError(f"{source} holds no prompts.")
+    if len(prompts) > 1 and len(unique) == 1:
+        raise ValueError(
+            f"{source}: all {len(prompts)} prompts are the same ('{unique[0]}'); check the prompt column, or pass "
+            "the single prompt once."
+        )
     if len(unique) < len(prompts):
         logger.warning("%s: dropped %d repeated prompt(s).", source, len(prompts) - len(unique))
     return unique[:limit] if limit else unique

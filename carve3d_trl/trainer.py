@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -20,7 +19,8 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from trl import DDPOConfig, DDPOTrainer
 from trl.models import DDPOStableDiffusionPipeline
 
-from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, list_checkpoints, prune_checkpoints
+from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, prune_checkpoints
+from .checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, resolve_checkpoint
 from .config import Carve3DConfig
 from .export import save_samples, save_unet_weights
 from .hub import push_folder_to_hub
@@ -39,8 +39,6 @@ from .stats import PromptStatTracker, compute_advantages
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE_NAME = "carve3d_trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint_"
 CONFIG_NAME = "carve3d_config.json"
 HISTORY_NAME = "training_history.json"
 NUM_CARD_SAMPLES = 4
@@ -668,18 +666,3 @@ def _std(values: np.ndarray) -> float:
 
 def _repeat_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
     return timesteps if timesteps.ndim == 0 else torch.cat([timesteps] * 2)
-
-
-def resolve_checkpoint(resume_from: str) -> Path:
-    """A checkpoint folder, or the newest `checkpoint_<n>` inside a folder of checkpoints."""
-    path = Path(os.path.expanduser(resume_from))
-    if (path / TRAINER_STATE_NAME).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = list_checkpoints(root, prefix=CHECKPOINT_PREFIX)
-        if found:
-            return found[-1]
-    raise ValueError(
-        f"`resume_from` '{resume_from}' holds no Carve3D checkpoint (a folder with {TRAINER_STATE_NAME}, or "
-        "checkpoint_<epoch> folders); point it at a checkpoint or at the run's checkpoints folder."
-    )
