@@ -16,7 +16,7 @@ CONFIG_CASES = [
     (dict(sample_batch_size=4, train_batch_size=2, train_gradient_accumulation_steps=3), "set it to 4"),
     (
         dict(
-            on_policy=False, sample_batch_size=2, sample_num_batches_per_epoch=3, train_gradient_accumulation_steps=2
+            on_policy=False, sample_batch_size=2, sample_num_batches_per_epoch=3, train_gradient_accumulation_steps=4
         ),
         "`train_gradient_accumulation_steps` to one of [1, 2, 3, 6]",
     ),
