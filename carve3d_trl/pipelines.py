@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from trl import DefaultDDPOStableDiffusionPipeline
+
+from .distributed import ensure_process_state
 
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -41,7 +42,7 @@ class Carve3DStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
     ):
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}.")
-        PartialState()  # TRL's constructor logs through accelerate, which needs a state.
+        ensure_process_state()  # TRL's constructor logs through accelerate, which needs a state
         super().__init__(
             str(pretrained_model_name), pretrained_model_revision=pretrained_model_revision, use_lora=use_lora
         )

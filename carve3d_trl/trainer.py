@@ -22,6 +22,7 @@ from trl.models import DDPOStableDiffusionPipeline
 from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, prune_checkpoints
 from .checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, resolve_checkpoint
 from .config import Carve3DConfig
+from .distributed import ensure_process_state
 from .export import save_samples, save_unet_weights
 from .hub import push_folder_to_hub
 from .interrupts import (
@@ -81,7 +82,8 @@ class Carve3DTrainer(DDPOTrainer):
         sd_pipeline: DDPOStableDiffusionPipeline | None = None,
         image_samples_hook: Callable[[Any, Any, Any], Any] | None = None,
     ):
-        state = PartialState()  # accelerate's logging needs a state before the Accelerator exists
+        # accelerate's logging needs a state before the Accelerator exists
+        state = ensure_process_state(cpu=bool(config.accelerator_kwargs.get("cpu", False)))
         if sd_pipeline is None:
             raise ValueError("`sd_pipeline` is required, e.g. Carve3DStableDiffusionPipeline('<model id or folder>').")
         self.config = config = as_carve3d_config(config)
@@ -157,11 +159,13 @@ class Carve3DTrainer(DDPOTrainer):
         self.kl_stat_tracker = PromptStatTracker(*stat_sizes) if kl_per_prompt else None
 
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
+        # The training forward must run through the prepared (DDP-wrapped) UNet, or gradients are never averaged
+        # across processes; TRL keeps only the parameters of the prepared LoRA UNet, so its ranks drift apart.
+        self.training_unet, self.optimizer = self.accelerator.prepare(trainable_layers, self.optimizer)
         if use_lora:
-            unet, self.optimizer = self.accelerator.prepare(trainable_layers, self.optimizer)
-            self.trainable_layers = [p for p in unet.parameters() if p.requires_grad]
+            self.trainable_layers = [p for p in self.training_unet.parameters() if p.requires_grad]
         else:
-            self.trainable_layers, self.optimizer = self.accelerator.prepare(trainable_layers, self.optimizer)
+            self.trainable_layers = self.training_unet
         if config.async_reward_computation:
             self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
 
@@ -409,7 +413,7 @@ class Carve3DTrainer(DDPOTrainer):
             loss, approx_kl, clipfrac (`torch.Tensor`, scalars).
         """
         with self.autocast():
-            noise_pred = self._guided_noise(self.sd_pipeline.unet, latents, timesteps, embeds, self.config.train_cfg)
+            noise_pred = self._guided_noise(self.training_unet, latents, timesteps, embeds, self.config.train_cfg)
             log_prob = self.sd_pipeline.scheduler_step(
                 noise_pred, timesteps, latents, eta=self.config.sample_eta, prev_sample=next_latents
             ).log_probs
@@ -434,7 +438,7 @@ class Carve3DTrainer(DDPOTrainer):
             for j in range(self.num_train_timesteps):
                 if not self._epoch_updated:
                     self.stop_request.raise_if_requested()
-                with self.accelerator.accumulate(self.sd_pipeline.unet):
+                with self.accelerator.accumulate(self.training_unet):
                     loss, approx_kl, clipfrac = self.calculate_loss(
                         sample["latents"][:, j],
                         sample["timesteps"][:, j],

@@ -1,0 +1,44 @@
+"""Run on 2 processes by test_multiprocess.py: trains a tiny model and dumps what each rank saw."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+
+torch.set_num_threads(1)
+model_path, prompts_path, out_dir = sys.argv[1:4]
+config = Carve3DConfig(
+    sample_num_steps=2,
+    sample_batch_size=2,
+    sample_num_batches_per_epoch=1,
+    train_batch_size=2,
+    mixed_precision="no",
+    log_with=None,
+    seed=0,
+    logdir=str(Path(out_dir) / "logs"),
+    prompt_dataset=prompts_path,
+    per_prompt_stat_tracking_min_count=2,
+    train_learning_rate=1e-2,
+)
+trainer = Carve3DTrainer(
+    config, lambda im, p, m: (im.mean(dim=(1, 2, 3)), {}), sd_pipeline=Carve3DStableDiffusionPipeline(model_path)
+)
+trainer.train(epochs=3)
+trainer.save_pretrained(Path(out_dir) / "model")
+rank = trainer.accelerator.process_index
+lora = torch.cat([p.detach().flatten() for p in trainer.trainable_layers])
+Path(out_dir, f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "num_processes": trainer.accelerator.num_processes,
+            "history": trainer.history,
+            "reward_stats": trainer.stat_tracker.state_dict(),
+            "kl_stats": trainer.kl_stat_tracker.state_dict(),
+            "lora": lora.tolist(),
+            "global_step": trainer.global_step,
+        }
+    )
+)
