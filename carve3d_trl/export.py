@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,21 @@ def save_unet_weights(sd_pipeline: Any, output_dir: Path) -> Path:
 
 
 def tile_renders(renders: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Tile per-view renders `(V, 3, h, w)` row-major into the grid layout `(3, height, width)` of the image."""
+    """Tile per-view renders `(V, 3, h, w)` row-major into the layout of their `(3, height, width)` grid image.
+
+    Renders may be smaller than the views (reconstructors render at their own resolution); they are resized to the
+    view size. The grid's rows follow from `rows * cols = V` and `(rows * h) / (cols * w) = height / width`.
+    """
     views, channels, h, w = renders.shape
-    rows, cols = height // h, width // w
-    if rows * cols != views:
+    rows = round(math.sqrt(views * height * w / (width * h)))
+    cols = views // max(rows, 1)
+    if rows < 1 or rows * cols != views or height % rows or width % cols:
         raise ValueError(f"{views} renders of {h}x{w} do not tile a {height}x{width} grid.")
-    return renders.reshape(rows, cols, channels, h, w).permute(2, 0, 3, 1, 4).reshape(channels, height, width)
+    renders = torch.nn.functional.interpolate(renders, size=(height // rows, width // cols), mode="bilinear")
+    view_h, view_w = renders.shape[-2:]
+    return (
+        renders.reshape(rows, cols, channels, view_h, view_w).permute(2, 0, 3, 1, 4).reshape(channels, height, width)
+    )
 
 
 def save_samples(samples: list[dict[str, Any]], output_dir: Path) -> list[dict[str, Any]]:
