@@ -1,6 +1,7 @@
 """carve3d-trl: Carve3D's RL fine-tuning of multi-view diffusion models, on TRL's DDPO."""
 
 from .config import Carve3DConfig
+from .image_logging import ImageSamplesLogger
 from .pipelines import Carve3DStableDiffusionPipeline
 from .prompts import PromptCycler, load_prompts
 from .stats import PromptStatTracker, compute_advantages
@@ -12,6 +13,7 @@ __all__ = [
     "Carve3DConfig",
     "Carve3DStableDiffusionPipeline",
     "Carve3DTrainer",
+    "ImageSamplesLogger",
     "PromptCycler",
     "PromptStatTracker",
     "compute_advantages",

@@ -117,9 +117,11 @@ def _describe(err: BaseException, repo_id: str) -> str:
     return reason
 
 
-def upload_command(repo_id: str, folder: str | Path, revision: str | None = None) -> str:
+def upload_command(repo_id: str, folder: str | Path, revision: str | None = None, repo_type: str = "model") -> str:
     """The ``hf`` CLI command that uploads ``folder`` to the root of ``repo_id``."""
     command = ["hf", "upload", repo_id, str(Path(folder).absolute()), "."]
+    if repo_type != "model":
+        command += ["--repo-type", repo_type]
     if revision:
         command += ["--revision", revision]
     return shlex.join(command)
@@ -133,12 +135,15 @@ def push_folder_to_hub(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload Carve3D LoRA",
+    repo_type: str = "model",
     max_retries: int = 3,
     backoff_seconds: float = 2.0,
     api: HfApi | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
-    """Create ``repo_id`` (a model repo, if missing) and upload ``folder`` to its root; return the commit URL.
+    """Create ``repo_id`` (if missing) and upload ``folder`` to its root; return the commit URL.
+
+    ``repo_type`` is ``"model"`` (a LoRA) or ``"dataset"`` (e.g. curated prompts).
 
     Connection errors, timeouts, HTTP 408/429/5xx are retried up to ``max_retries`` times with exponential backoff
     (``backoff_seconds * 2**attempt``, passed to ``sleep``); other errors fail at once. The folder is never modified.
@@ -160,19 +165,19 @@ def push_folder_to_hub(
 
     try:
         repo_url = retried(
-            lambda: api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private, token=token),
+            lambda: api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private, token=token),
             f"create_repo({repo_id})",
         )
         if revision:
             retried(
-                lambda: api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True, token=token),
+                lambda: api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True, token=token),
                 f"create_branch({revision})",
             )
         commit = retried(
             lambda: api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
-                repo_type="model",
+                repo_type=repo_type,
                 revision=revision,
                 commit_message=commit_message,
                 ignore_patterns=_IGNORE_PATTERNS,
@@ -182,8 +187,8 @@ def push_folder_to_hub(
         )
     except Exception as err:
         raise HubUploadError(
-            f"Uploading {folder} to the Hub repo {repo_id!r} failed: {_describe(err, repo_id)}. "
+            f"Uploading {folder} to the Hub {repo_type} repo {repo_id!r} failed: {_describe(err, repo_id)}. "
             f"The local folder is kept at {folder}; upload it later with:\n"
-            f"  {upload_command(repo_id, folder, revision)}"
+            f"  {upload_command(repo_id, folder, revision, repo_type)}"
         ) from err
     return str(getattr(commit, "commit_url", None) or repo_url)

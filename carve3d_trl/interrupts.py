@@ -28,13 +28,6 @@ class StopRequest:
     def __init__(self):
         self.signum: int | None = None
 
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    def raise_if_requested(self) -> None:
-        if self.signum is not None:
-            raise TrainingInterrupted(self.signum)
-
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:

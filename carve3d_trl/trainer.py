@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from trl import DDPOConfig, DDPOTrainer
 from trl.models import DDPOStableDiffusionPipeline
 
@@ -148,6 +148,9 @@ class Carve3DTrainer(DDPOTrainer):
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:  # no dataloader tells DeepSpeed the micro batch, so set it here
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
         self.optimizer = self._setup_optimizer(
             trainable_layers.parameters() if not isinstance(trainable_layers, list) else trainable_layers
         )
@@ -310,7 +313,7 @@ class Carve3DTrainer(DDPOTrainer):
             kl = self.accelerator.gather((samples["log_probs"] - samples["ref_log_probs"]).mean(dim=1))
             kl = kl.float().cpu().numpy()
         self._log_epoch(epoch, global_step, all_rewards, kl, rewards_metadata)
-        self.stop_request.raise_if_requested()
+        self._raise_if_stop_requested()
 
         use_kl_in_reward = config.kl_penalty and config.kl_in_reward and kl is not None
         advantages = compute_advantages(
@@ -437,7 +440,7 @@ class Carve3DTrainer(DDPOTrainer):
                 embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
             for j in range(self.num_train_timesteps):
                 if not self._epoch_updated:
-                    self.stop_request.raise_if_requested()
+                    self._raise_if_stop_requested()
                 with self.accelerator.accumulate(self.training_unet):
                     loss, approx_kl, clipfrac = self.calculate_loss(
                         sample["latents"][:, j],
@@ -502,11 +505,24 @@ class Carve3DTrainer(DDPOTrainer):
                 "%s during epoch %d: the run is saved up to epoch %d; exiting.", interrupt, epoch, epoch - 1
             )
             raise exit_for(interrupt.signum) from None
-        if self.stop_request:
+        signum = self._agreed_stop_signal()
+        if signum:
             if (epoch + 1) % self.config.save_freq:
                 self.save_checkpoint(epoch)
             logger.warning("Stop requested: saved the run up to epoch %d; exiting.", epoch)
-            raise exit_for(self.stop_request.signum)
+            raise exit_for(signum)
+
+    def _agreed_stop_signal(self) -> int:
+        """The signal any process received (0: none), the same on every process so that all stop together."""
+        signum = torch.tensor([self.stop_request.signum or 0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            signum = self.accelerator.gather(signum).max()
+        return int(signum.max())
+
+    def _raise_if_stop_requested(self) -> None:
+        signum = self._agreed_stop_signal()
+        if signum:
+            raise TrainingInterrupted(signum)
 
     def trainer_state_dict(self) -> dict[str, Any]:
         """Everything besides the model, optimizer and RNG states that an exact resume needs (JSON-serialisable)."""
@@ -528,22 +544,34 @@ class Carve3DTrainer(DDPOTrainer):
         if self.prompt_cycler is not None and state.get("prompt_cycler"):
             self.prompt_cycler.load_state_dict(state["prompt_cycler"])
 
-    def save_checkpoint(self, epoch: int) -> Path | None:
+    def save_checkpoint(self, epoch: int) -> Path:
         """Save a resumable checkpoint of the run after `epoch` as `<checkpoint_dir>/checkpoint_<epoch>`.
 
-        The checkpoint is written into a temporary folder and renamed into place once complete, so an interrupted
-        save never leaves a folder that looks like a checkpoint; only the newest `num_checkpoint_limit` are kept.
+        Every process takes part (each saves its random states); the main process writes the rest into a temporary
+        folder renamed into place once all are done, so an interrupted save never leaves a folder that looks like a
+        checkpoint. Only the newest `num_checkpoint_limit` checkpoints are kept.
         """
-        if not self.accelerator.is_main_process:
-            return None
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{epoch}"
-        with atomic_directory(path) as tmp:
-            self.accelerator.save_state(str(tmp))
-            atomic_write_json(tmp / TRAINER_STATE_NAME, {"epoch": epoch, **self.trainer_state_dict()})
-        prune_checkpoints(self.checkpoint_dir, self.config.num_checkpoint_limit, prefix=CHECKPOINT_PREFIX)
+        if self.accelerator.is_main_process:
+            with atomic_directory(path) as tmp:
+                self._save_state_on_every_process(tmp)
+                atomic_write_json(tmp / TRAINER_STATE_NAME, {"epoch": epoch, **self.trainer_state_dict()})
+            prune_checkpoints(self.checkpoint_dir, self.config.num_checkpoint_limit, prefix=CHECKPOINT_PREFIX)
+        else:
+            self._save_state_on_every_process(None)
+        self.accelerator.wait_for_everyone()
         return path
 
-    # ------------------------------------------------------------------ saving and the Hub
+    def _save_state_on_every_process(self, folder: Path | None) -> None:
+        """`accelerator.save_state` on every process into the main process's `folder`."""
+        (target,) = broadcast_object_list([str(folder) if folder is not None else None])
+        self.accelerator.save_state(target)
+        self.accelerator.wait_for_everyone()
+
+    def _save_model_hook(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:  # accelerate calls the hook on every process
+            self.sd_pipeline.save_checkpoint(models, weights, output_dir)
+        weights.pop()  # accelerate must not save the model itself
 
     def save_pretrained(
         self,

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer, ImageSamplesLogger
+from carve3d_trl.distributed import ensure_process_state
 from carve3d_trl.rewards import MRCReward, alexnet_weights_path, instant3d_layout, zero123pp_layout
 from carve3d_trl.testing import TinyPipelineSpec, save_tiny_pipeline
 
@@ -111,12 +112,14 @@ def main() -> None:
     model = args.pretrained_model
     if not model:
         model = str(output_dir / "base-model")
-        if not Path(model, "model_index.json").exists():
-            save_tiny_pipeline(model, TinyPipelineSpec(image_size=64))
+        with ensure_process_state().main_process_first():  # built once, then read by every process
+            if not Path(model, "model_index.json").exists():
+                save_tiny_pipeline(model, TinyPipelineSpec(image_size=64))
     pipeline = Carve3DStableDiffusionPipeline(
         model, pretrained_model_revision=args.pretrained_revision, use_lora=args.use_lora, lora_rank=args.lora_rank
     )
-    trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline)
+    hook = ImageSamplesLogger(grid=(reward.layout.rows, reward.layout.cols))
+    trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline, image_samples_hook=hook)
     trainer.train()
     trainer.save_pretrained(output_dir / "lora", config=card_config(config, args, reward))
     if config.push_to_hub:

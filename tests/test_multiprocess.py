@@ -69,4 +69,8 @@ def test_checkpoints_and_model_folder_are_written_once(two_rank_run):
         "checkpoint_2",
     ]
     assert not list(out.rglob(".tmp-*"))
+    checkpoint = out / "logs" / "checkpoints" / "checkpoint_2"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "pytorch_lora_weights.safetensors"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
     assert (out / "model" / "pytorch_lora_weights.safetensors").is_file()
