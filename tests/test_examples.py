@@ -260,7 +260,7 @@ def test_dataset_push_retries_transient_errors_then_reports_the_local_folder(tmp
     api = fake_hub([forbidden])
     with pytest.raises(HubUploadError, match="no write access") as info:
         push_folder_to_hub(tmp_path, "me/prompts", repo_type="dataset", api=api, sleep=sleeps.append)
-    assert f"hf upload --repo-type dataset me/prompts {tmp_path.absolute()} ." in str(info.value)
+    assert f"hf upload me/prompts {tmp_path.absolute()} . --repo-type dataset" in str(info.value)
     assert api.upload_folder.call_count == 1
 
 
