@@ -25,6 +25,7 @@ from .config import Carve3DConfig
 from .distributed import ensure_process_state
 from .export import save_samples, save_unet_weights
 from .hub import push_folder_to_hub
+from .image_logging import LoggedSample, collect_samples
 from .interrupts import (
     StopRequest,
     TrainingInterrupted,
@@ -93,7 +94,7 @@ class Carve3DTrainer(DDPOTrainer):
         self.eval_prompts: list[str] = []
         self.prompt_fn = prompt_function or self._prompt_function_from_dataset(state)
         self.history: list[dict[str, float]] = []
-        self.card_samples: list[dict[str, Any]] = []
+        self.card_samples: list[LoggedSample] = []
         self.global_step = 0
         self.stop_request = StopRequest()
         self._epoch_updated = False  # whether the current epoch has changed the weights yet
@@ -304,7 +305,7 @@ class Carve3DTrainer(DDPOTrainer):
         if self.image_samples_callback is not None:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
             self.image_samples_callback(prompt_image_data, global_step, tracker)
-        self.card_samples = collect_card_samples(prompt_image_data, NUM_CARD_SAMPLES)
+        self.card_samples = collect_samples(prompt_image_data, NUM_CARD_SAMPLES)
 
         all_rewards = self.accelerator.gather(torch.cat(rewards)).cpu().numpy()
         all_prompts = gather_object(prompts)
@@ -672,20 +673,6 @@ class Carve3DTrainer(DDPOTrainer):
         state = json.loads((path / TRAINER_STATE_NAME).read_text())
         self.load_trainer_state_dict(state)
         self.first_epoch = int(state["epoch"]) + 1
-
-
-def collect_card_samples(prompt_image_data: list[list[Any]], limit: int) -> list[dict[str, Any]]:
-    """The first `limit` samples of an epoch as dicts for the model card: prompt, image, reward, renders, MRC."""
-    samples = []
-    for images, prompts, _, rewards, metadata in prompt_image_data:
-        metadata = metadata if isinstance(metadata, dict) else {}
-        for i in range(min(limit - len(samples), len(prompts))):
-            sample = {"prompt": prompts[i], "image": images[i].detach().cpu(), "reward": float(rewards[i])}
-            for key in ("renders", "mrc"):
-                if key in metadata:
-                    sample[key] = metadata[key][i].detach().cpu()
-            samples.append(sample)
-    return samples
 
 
 def _mean(values: np.ndarray) -> float:

@@ -24,7 +24,8 @@ from transformers import HfArgumentParser
 
 from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer, ImageSamplesLogger
 from carve3d_trl.distributed import ensure_process_state
-from carve3d_trl.rewards import MRCReward, alexnet_weights_path, instant3d_layout, zero123pp_layout
+from carve3d_trl.rewards import MRCReward
+from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
 from carve3d_trl.testing import TinyPipelineSpec, save_tiny_pipeline
 
 logger = logging.getLogger("carve3d_train")
@@ -57,46 +58,19 @@ class ScriptArguments:
     output_dir: str = field(default="outputs/carve3d", metadata={"help": "Where the LoRA, card and logs go."})
     use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (else the full UNet)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank (the recipe uses 4)."})
-    mrc_layout: str = field(default="instant3d", metadata={"help": "Camera layout: instant3d or zero123pp."})
-    mrc_reconstructor: str = field(
-        default="radiance_field", metadata={"help": "radiance_field (built in), openlrm or instantmesh."}
-    )
-    mrc_metric: str = field(
-        default="auto",
-        metadata={
-            "help": "lpips (the paper's, pretrained AlexNet trunk), mse or psnr. auto: lpips when the AlexNet weights "
-            "are on disk (torch hub checkpoints/alexnet-owt-7be5be79.pth), else mse with a warning."
-        },
-    )
     hub_repo_id: str = field(default="", metadata={"help": "Hub model repo for --push_to_hub."})
     num_threads: int = field(default=1, metadata={"help": "CPU threads per process for torch (0: torch's default)."})
 
 
-def build_reward(args: ScriptArguments, seed: int) -> MRCReward:
-    layouts = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}
-    if args.mrc_layout not in layouts:
-        raise ValueError(f"--mrc_layout must be one of {sorted(layouts)}, got '{args.mrc_layout}'.")
-    metric = args.mrc_metric
-    if metric == "auto":
-        metric = "lpips" if alexnet_weights_path().is_file() else "mse"
-        if metric == "mse":
-            logger.warning(
-                "MRC uses MSE: the LPIPS AlexNet weights are not at %s. Place alexnet-owt-7be5be79.pth there for the "
-                "paper's LPIPS-based MRC.",
-                alexnet_weights_path(),
-            )
-    return MRCReward(layouts[args.mrc_layout](), args.mrc_reconstructor, metric=metric, seed=seed)
-
-
-def card_config(config: Carve3DConfig, args: ScriptArguments, reward: MRCReward) -> dict:
+def card_config(config: Carve3DConfig, mrc_args: MRCArguments, reward: MRCReward) -> dict:
     """The training configuration shown in the model card, with the reward actually used."""
-    return {**config.to_dict(), "reward": f"MRC ({reward.metric.name})", "reconstructor": args.mrc_reconstructor}
+    return {**config.to_dict(), "reward": f"MRC ({reward.metric.name})", "reconstructor": mrc_args.mrc_reconstructor}
 
 
 def main() -> None:
-    parser = HfArgumentParser((ScriptArguments, Carve3DConfig))
+    parser = HfArgumentParser((ScriptArguments, MRCArguments, Carve3DConfig))
     parser.set_defaults(**CPU_DEFAULTS)
-    args, config = parser.parse_args_into_dataclasses()
+    args, mrc_args, config = parser.parse_args_into_dataclasses()
     if config.push_to_hub and not args.hub_repo_id:
         parser.error("--push_to_hub needs --hub_repo_id <user>/<repo>.")
     if args.num_threads:
@@ -107,7 +81,7 @@ def main() -> None:
     if config.logdir == "logs":
         config.logdir = str(output_dir / "logs")
     config.project_kwargs.setdefault("project_dir", config.logdir)
-    reward = build_reward(args, config.seed)  # fails fast on bad reward settings, before any model loads
+    reward = build_mrc_reward(mrc_args, config.seed)  # fails fast on bad reward settings, before any model loads
 
     model = args.pretrained_model
     if not model:
@@ -121,7 +95,7 @@ def main() -> None:
     hook = ImageSamplesLogger(grid=(reward.layout.rows, reward.layout.cols))
     trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline, image_samples_hook=hook)
     trainer.train()
-    trainer.save_pretrained(output_dir / "lora", config=card_config(config, args, reward))
+    trainer.save_pretrained(output_dir / "lora", config=card_config(config, mrc_args, reward))
     if config.push_to_hub:
         print("Pushed:", trainer.push_to_hub(args.hub_repo_id))
     if trainer.accelerator.is_main_process:

@@ -38,12 +38,9 @@ import numpy as np
 import torch
 from evaluate_mrc import (
     ModelArguments,
-    MRCArguments,
     PromptArguments,
     SamplingArguments,
-    build_reward,
     check_model_source,
-    check_mrc_args,
     check_sampling_args,
     load_eval_prompts,
     load_pipeline,
@@ -55,6 +52,7 @@ from transformers import HfArgumentParser
 
 from carve3d_trl.atomic import atomic_directory
 from carve3d_trl.hub import push_folder_to_hub, validate_repo_id
+from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
 
 logger = logging.getLogger("curate_prompts")
 COLUMNS = ("prompt", "mrc_mean", "mrc_std")
@@ -189,7 +187,7 @@ def main(argv: Sequence[str] | None = None, api: HfApi | None = None) -> list[Ca
         torch.set_num_threads(args.num_threads)
     # Every input is checked before any model loads.
     check_sampling_args(sampling)
-    check_mrc_args(mrc_args)
+    check_mrc_arguments(mrc_args)
     check_curate_args(args)
     check_model_source(model_args.pretrained_model)
     prompts = load_eval_prompts(prompt_args)
@@ -198,7 +196,7 @@ def main(argv: Sequence[str] | None = None, api: HfApi | None = None) -> list[Ca
     seeds = [sampling.seed + i for i in range(args.num_seeds)]
 
     device = resolve_device(sampling.device)
-    reward = build_reward(mrc_args, sampling.seed, device)
+    reward = build_mrc_reward(mrc_args, sampling.seed, device)
     pipe = load_pipeline(model_args, sampling, device)
     scores = score_prompts(pipe, reward, prompts, seeds, sampling, label="candidates")
     ranked = rank_candidates(prompts, scores.mrc, scores.rewards)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -40,14 +39,12 @@ from carve3d_trl import load_prompts
 from carve3d_trl.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from carve3d_trl.hub import validate_repo_id
 from carve3d_trl.image_logging import tile_renders_like
-from carve3d_trl.rewards import MRCReward, alexnet_weights_path, instant3d_layout, zero123pp_layout
+from carve3d_trl.rewards import MRCReward
+from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
 
 logger = logging.getLogger("evaluate_mrc")
 EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "objects.txt"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}
-METRICS = ("auto", "lpips", "mse", "psnr")
-RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -78,25 +75,6 @@ class SamplingArguments:
     batch_size: int = field(default=4, metadata={"help": "Images sampled and scored per batch."})
     mixed_precision: str = field(default="no", metadata={"help": "Pipeline precision: no (fp32), fp16 or bf16."})
     device: str = field(default="", metadata={"help": "Device (e.g. cuda, cuda:1, cpu). Empty: cuda if available."})
-
-
-@dataclass
-class MRCArguments:
-    mrc_layout: str = field(default="instant3d", metadata={"help": f"Camera layout: {', '.join(LAYOUTS)}."})
-    mrc_reconstructor: str = field(
-        default="radiance_field", metadata={"help": "radiance_field (built in), openlrm or instantmesh."}
-    )
-    mrc_metric: str = field(
-        default="auto",
-        metadata={
-            "help": "lpips (the paper's, pretrained AlexNet trunk), mse or psnr. auto: lpips when the AlexNet weights "
-            "are on disk (torch hub checkpoints/alexnet-owt-7be5be79.pth), else mse with a warning."
-        },
-    )
-    mrc_reconstructor_kwargs: str = field(
-        default="",
-        metadata={"help": "JSON object of reconstructor constructor arguments, e.g. '{\"steps\": 200}'."},
-    )
 
 
 @dataclass
@@ -131,27 +109,6 @@ def check_sampling_args(sampling: SamplingArguments) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {sampling.batch_size}.")
     if sampling.mixed_precision not in DTYPES:
         raise ValueError(f"--mixed_precision must be one of {', '.join(DTYPES)}, got '{sampling.mixed_precision}'.")
-
-
-def check_mrc_args(mrc: MRCArguments) -> dict[str, Any]:
-    """Validate the reward settings without building anything; return the parsed reconstructor kwargs."""
-    if mrc.mrc_layout not in LAYOUTS:
-        raise ValueError(f"--mrc_layout must be one of {', '.join(LAYOUTS)}, got '{mrc.mrc_layout}'.")
-    if mrc.mrc_metric not in METRICS:
-        raise ValueError(f"--mrc_metric must be one of {', '.join(METRICS)}, got '{mrc.mrc_metric}'.")
-    if mrc.mrc_reconstructor not in RECONSTRUCTORS:
-        raise ValueError(
-            f"--mrc_reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{mrc.mrc_reconstructor}'."
-        )
-    if not mrc.mrc_reconstructor_kwargs:
-        return {}
-    try:
-        kwargs = json.loads(mrc.mrc_reconstructor_kwargs)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--mrc_reconstructor_kwargs is not valid JSON: {error}") from error
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--mrc_reconstructor_kwargs must be a JSON object, got {mrc.mrc_reconstructor_kwargs!r}.")
-    return kwargs
 
 
 def check_model_source(source: str, what: str = "--pretrained_model") -> None:
@@ -216,28 +173,6 @@ def load_eval_prompts(args: PromptArguments) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
-def build_reward(mrc: MRCArguments, seed: int, device: torch.device) -> MRCReward:
-    """The MRC reward of the arguments; `auto` picks LPIPS when its AlexNet weights are on disk, else MSE."""
-    reconstructor_kwargs = check_mrc_args(mrc)
-    metric = mrc.mrc_metric
-    if metric == "auto":
-        metric = "lpips" if alexnet_weights_path().is_file() else "mse"
-        if metric == "mse":
-            logger.warning(
-                "MRC uses MSE: the LPIPS AlexNet weights are not at %s. Place alexnet-owt-7be5be79.pth there for the "
-                "paper's LPIPS-based MRC.",
-                alexnet_weights_path(),
-            )
-    return MRCReward(
-        LAYOUTS[mrc.mrc_layout](),
-        mrc.mrc_reconstructor,
-        metric=metric,
-        seed=seed,
-        device=device,
-        reconstructor_kwargs=reconstructor_kwargs or None,
-    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -433,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(eval_args.num_threads)
     # Every input is checked before any model loads.
     check_sampling_args(sampling)
-    check_mrc_args(mrc_args)
+    check_mrc_arguments(mrc_args)
     if eval_args.num_seeds < 1:
         raise ValueError(f"--num_seeds must be >= 1, got {eval_args.num_seeds}.")
     check_model_source(model_args.pretrained_model)
@@ -443,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(eval_args.output_dir)
 
     device = resolve_device(sampling.device)
-    reward = build_reward(mrc_args, sampling.seed, device)
+    reward = build_mrc_reward(mrc_args, sampling.seed, device)
     pipe = load_pipeline(model_args, sampling, device)
     keep = {(p, 0) for p in range(min(eval_args.num_figure_prompts, len(prompts)))}
     base = score_prompts(pipe, reward, prompts, seeds, sampling, keep, label="base")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from carve3d_trl import Carve3DStableDiffusionPipeline, load_prompts
 from carve3d_trl.hub import HubUploadError, push_folder_to_hub
+from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(
@@ -61,7 +62,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    for name in ("load_pipeline", "build_reward"):
+    for name in ("load_pipeline", "build_mrc_reward"):
         monkeypatch.setattr(evaluate_mrc, name, refuse)
         monkeypatch.setattr(curate_prompts, name, refuse)
 
@@ -133,8 +134,8 @@ def test_seeded_noise_is_fixed_per_seed_and_the_step_noise_is_not_the_latent(tin
 
 def test_scoring_is_repeatable_so_base_and_finetuned_see_the_same_noise(tiny_model_path):
     sampling = evaluate_mrc.SamplingArguments(num_inference_steps=2, batch_size=2, device="cpu")
-    mrc = evaluate_mrc.MRCArguments(mrc_metric="mse", mrc_reconstructor_kwargs=RECONSTRUCTOR)
-    reward = evaluate_mrc.build_reward(mrc, 0, torch.device("cpu"))
+    mrc = MRCArguments(mrc_metric="mse", mrc_reconstructor_kwargs=RECONSTRUCTOR)
+    reward = build_mrc_reward(mrc, 0, torch.device("cpu"))
     pipe = evaluate_mrc.load_pipeline(evaluate_mrc.ModelArguments(str(tiny_model_path)), sampling, torch.device("cpu"))
     first = evaluate_mrc.score_prompts(pipe, reward, PROMPTS[:2], [0], sampling, keep={(1, 0)})
     second = evaluate_mrc.score_prompts(pipe, reward, PROMPTS[:2], [0], sampling)
