@@ -1,0 +1,101 @@
+"""MRC reward time per sample against the number of views, the view resolution and the batch size, side by side.
+
+Each row times `MRCReward.__call__` on a batch of synthetic grids (default reconstructor: the built-in radiance
+field, held-out protocol), then the same samples one call each, and reports the batch's time per sample and the
+ratio (time of B single calls) / (time of one batch call): above 1, batching pays. Wall time and process CPU time
+are both reported (the minimum over --repeats); CPU time is the robust one on a machine shared with other jobs.
+
+    python benchmarks/bench_mrc_speed.py
+    python benchmarks/bench_mrc_speed.py --views 4 --sizes 64 --batches 1 8 --protocol same_view
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout, tile_views, zero123pp_layout
+from carve3d_trl.rewards.synthetic import random_object, render_object
+
+LAYOUTS = {4: instant3d_layout, 6: zero123pp_layout}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--views", type=int, nargs="+", choices=sorted(LAYOUTS), default=[4, 6])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256], help="view side in pixels")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
+    parser.add_argument("--metric", choices=["lpips", "mse", "psnr"], default="lpips")
+    parser.add_argument("--lpips-pretrained", action="store_true", help="default: random trunk (same cost)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mrc_speed.json")
+    return parser.parse_args()
+
+
+def best_times(reward: MRCReward, calls: list[torch.Tensor], repeats: int) -> tuple[float, float]:
+    """Shortest (wall, CPU) times over `repeats` of scoring every batch in `calls`, one call each."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        for images in calls:
+            reward(images)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = []
+    print(f"threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}")
+    print("| views | view size | batch | wall s / sample | CPU s / sample | singles / batch (wall) | (CPU) |")
+    print("|---|---|---|---|---|---|---|")
+    for num_views in args.views:
+        layout = LAYOUTS[num_views]()
+        reward = MRCReward(
+            layout,
+            RadianceFieldReconstructor(args.protocol),
+            metric=args.metric,
+            lpips_pretrained=args.lpips_pretrained,
+        )
+        for size in args.sizes:
+            generator = torch.Generator().manual_seed(0)
+            objects = [random_object(generator) for _ in range(max(args.batches))]
+            grids = tile_views(torch.stack([render_object(obj, layout, size) for obj in objects]), layout)
+            reward(grids[:1])  # warm-up
+            for batch in args.batches:
+                images = grids[:batch]
+                batch_wall, batch_cpu = best_times(reward, [images], args.repeats)
+                single_wall, single_cpu = best_times(reward, list(images.split(1)), args.repeats)
+                row = dict(
+                    views=num_views,
+                    view_size=size,
+                    batch=batch,
+                    wall_per_sample=batch_wall / batch,
+                    cpu_per_sample=batch_cpu / batch,
+                    singles_over_batch_wall=single_wall / batch_wall,
+                    singles_over_batch_cpu=single_cpu / batch_cpu,
+                )
+                rows.append(row)
+                print(
+                    f"| {num_views} | {size} | {batch} | {row['wall_per_sample']:.2f} | {row['cpu_per_sample']:.2f} | "
+                    f"{row['singles_over_batch_wall']:.2f} | {row['singles_over_batch_cpu']:.2f} |",
+                    flush=True,
+                )
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(protocol=args.protocol, metric=args.metric, threads=torch.get_num_threads(), repeats=args.repeats)
+    args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Command-line settings of the MRC reward, shared by the example scripts (training, evaluation, curation)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cameras import instant3d_layout, zero123pp_layout
+from .metrics import alexnet_weights_path
+from .mrc import MRCReward
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}
+METRICS = ("auto", "lpips", "mse", "psnr")
+RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh")
+
+
+@dataclass
+class MRCArguments:
+    """The MRC reward's settings as `HfArgumentParser` flags."""
+
+    mrc_layout: str = field(default="instant3d", metadata={"help": f"Camera layout: {', '.join(LAYOUTS)}."})
+    mrc_reconstructor: str = field(
+        default="radiance_field", metadata={"help": "radiance_field (built in), openlrm or instantmesh."}
+    )
+    mrc_metric: str = field(
+        default="auto",
+        metadata={
+            "help": "lpips (the paper's, pretrained AlexNet trunk), mse or psnr. auto: lpips when the AlexNet weights "
+            "are on disk (torch hub checkpoints/alexnet-owt-7be5be79.pth), else mse with a warning."
+        },
+    )
+    mrc_reconstructor_kwargs: str = field(
+        default="",
+        metadata={"help": "JSON object of reconstructor constructor arguments, e.g. '{\"steps\": 200}'."},
+    )
+
+
+def check_mrc_arguments(args: MRCArguments) -> dict[str, Any]:
+    """Validate the settings without building anything; return the parsed reconstructor kwargs."""
+    if args.mrc_layout not in LAYOUTS:
+        raise ValueError(f"--mrc_layout must be one of {', '.join(LAYOUTS)}, got '{args.mrc_layout}'.")
+    if args.mrc_metric not in METRICS:
+        raise ValueError(f"--mrc_metric must be one of {', '.join(METRICS)}, got '{args.mrc_metric}'.")
+    if args.mrc_reconstructor not in RECONSTRUCTORS:
+        raise ValueError(
+            f"--mrc_reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{args.mrc_reconstructor}'."
+        )
+    if not args.mrc_reconstructor_kwargs:
+        return {}
+    try:
+        kwargs = json.loads(args.mrc_reconstructor_kwargs)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--mrc_reconstructor_kwargs is not valid JSON: {error}") from error
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--mrc_reconstructor_kwargs must be a JSON object, got {args.mrc_reconstructor_kwargs!r}.")
+    return kwargs
+
+
+def resolve_metric(metric: str) -> str:
+    """`auto` becomes `lpips` when the AlexNet weights are on disk, else `mse` (with a warning); others pass."""
+    if metric != "auto":
+        return metric
+    if alexnet_weights_path().is_file():
+        return "lpips"
+    logger.warning(
+        "MRC uses MSE: the LPIPS AlexNet weights are not at %s. Place alexnet-owt-7be5be79.pth there for the "
+        "paper's LPIPS-based MRC.",
+        alexnet_weights_path(),
+    )
+    return "mse"
+
+
+def build_mrc_reward(args: MRCArguments, seed: int = 0, device: torch.device | str | None = None) -> MRCReward:
+    """The MRC reward the settings describe."""
+    reconstructor_kwargs = check_mrc_arguments(args)
+    return MRCReward(
+        LAYOUTS[args.mrc_layout](),
+        args.mrc_reconstructor,
+        metric=resolve_metric(args.mrc_metric),
+        seed=seed,
+        device=device,
+        reconstructor_kwargs=reconstructor_kwargs or None,
+    )

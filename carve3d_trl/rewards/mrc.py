@@ -1,0 +1,102 @@
+"""MRC, Multi-view Reconstruction Consistency: Carve3D's reward, with TRL DDPO's reward signature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .cameras import CameraLayout, instant3d_layout, split_grid
+from .crop import crop_pairs
+from .metrics import ImageMetric
+from .reconstructors import Reconstructor, make_reconstructor
+
+__all__ = ["MRCReward"]
+
+
+class MRCReward:
+    """Carve3D's MRC reward: how well a reconstruction from the generated views reproduces them.
+
+    For each grid image: split it into views by the camera layout, reconstruct 3D from the views, render the
+    reconstruction at the views' cameras, crop each (view, render) pair with the square padded foreground box of the
+    generated view, resize both crops to the render size (bicubic, antialiased) and compare them. MRC is the mean
+    distance over the views.
+
+    Metrics and signs:
+        - `"lpips"` (the paper's; AlexNet trunk): MRC = mean LPIPS, reward = -MRC.
+        - `"mse"`: MRC = mean squared error in [0, 1] units, reward = -MRC.
+        - `"psnr"`: MRC = mean PSNR in dB (higher is more consistent), reward = +MRC.
+    In every case a higher reward means more consistent views.
+
+    Args:
+        layout (`CameraLayout`, *optional*): Cameras of the grid tiles. Default: `instant3d_layout()`.
+        reconstructor (`Reconstructor` or `str`): An object with `reconstruct(views, layout)`, or a name for
+            `make_reconstructor`: `"radiance_field"` (default), `"openlrm"`, `"instantmesh"`.
+        metric (`str`): `"lpips"`, `"mse"` or `"psnr"`.
+        lpips_pretrained (`bool`): Load the ImageNet AlexNet trunk of LPIPS (default). It is read from
+            `$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth` and never downloaded; a missing file raises
+            `FileNotFoundError` at construction. `False` keeps a random trunk: for tests only.
+        device (`str` or `torch.device`, *optional*): Where to compute. Default: the device of the input images.
+        seed (`int`): Seed given to a reconstructor built by name that takes one (the radiance field).
+        reconstructor_kwargs (`dict`, *optional*): Keyword arguments for a reconstructor built by name.
+    """
+
+    def __init__(
+        self,
+        layout: CameraLayout | None = None,
+        reconstructor: Reconstructor | str = "radiance_field",
+        *,
+        metric: str = "lpips",
+        lpips_pretrained: bool = True,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        reconstructor_kwargs: dict[str, Any] | None = None,
+    ):
+        self.layout = layout if layout is not None else instant3d_layout()
+        self.device = torch.device(device) if device is not None else None
+        self.metric = ImageMetric(metric, lpips_pretrained=lpips_pretrained)
+        if isinstance(reconstructor, str):
+            kwargs = dict(reconstructor_kwargs or {})
+            if reconstructor == "radiance_field":
+                kwargs.setdefault("seed", seed)
+            elif self.device is not None:
+                kwargs.setdefault("device", self.device)
+            reconstructor = make_reconstructor(reconstructor, **kwargs)
+        elif reconstructor_kwargs:
+            raise ValueError("reconstructor_kwargs only apply to a reconstructor given by name.")
+        self.reconstructor = reconstructor
+        if self.device is not None:
+            self.metric.to(self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str] = (), metadata: Sequence[dict] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Score grid images (TRL DDPO's `reward_fn(images, prompts, prompt_metadata)`).
+
+        Args:
+            images (`torch.Tensor` of shape `(B, 3, H, W)`): Grid images in [0, 1].
+            prompts (`Sequence[str]`): Unused; part of the reward signature.
+            metadata (`Sequence[dict]`): Unused; part of the reward signature.
+
+        Returns:
+            `(rewards, reward_metadata)`: `rewards` a float32 CPU tensor `(B,)`; `reward_metadata` a dict of CPU
+            tensors: `"mrc"` `(B,)`, `"mrc_per_view"` `(B, V)` (NaN for views not evaluated), `"renders"`
+            `(B, V, 3, h, w)`.
+        """
+        return self.score_views(split_grid(images, self.layout))
+
+    @torch.no_grad()
+    def score_views(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Like `__call__`, for views already split: `views` of shape `(B, V, 3, h, w)` in [0, 1]."""
+        device = self.device if self.device is not None else views.device
+        views = views.to(device=device, dtype=torch.float32).clamp(0, 1)
+        self.metric.to(device)
+        renders = self.reconstructor.reconstruct(views, self.layout).to(device=device, dtype=torch.float32)
+        view_crops, render_crops = crop_pairs(views, renders, self.layout.background)
+        per_view = self.metric(view_crops.flatten(0, 1), render_crops.flatten(0, 1)).view(views.shape[:2])
+        mrc = per_view.nanmean(dim=1)
+        rewards = mrc if self.metric.higher_is_better else -mrc
+        metadata = {"mrc": mrc.cpu(), "mrc_per_view": per_view.cpu(), "renders": renders.cpu()}
+        return rewards.float().cpu(), metadata

@@ -1,0 +1,35 @@
+"""Reconstructors for MRC: the built-in radiance field and adapters for OpenLRM and InstantMesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Reconstructor
+from .instantmesh_adapter import InstantMeshReconstructor
+from .openlrm_adapter import OpenLRMReconstructor
+from .radiance_field import RadianceFieldReconstructor
+
+__all__ = [
+    "InstantMeshReconstructor",
+    "OpenLRMReconstructor",
+    "RadianceFieldReconstructor",
+    "Reconstructor",
+    "make_reconstructor",
+]
+
+RECONSTRUCTORS = {
+    "radiance_field": RadianceFieldReconstructor,
+    "openlrm": OpenLRMReconstructor,
+    "instantmesh": InstantMeshReconstructor,
+}
+
+
+def make_reconstructor(name: str = "radiance_field", **kwargs: Any) -> Reconstructor:
+    """Build a reconstructor by name: `"radiance_field"` (default), `"openlrm"` or `"instantmesh"`.
+
+    `kwargs` go to the class's constructor (`RadianceFieldReconstructor`, `OpenLRMReconstructor`,
+    `InstantMeshReconstructor`).
+    """
+    if name not in RECONSTRUCTORS:
+        raise ValueError(f"Unknown reconstructor {name!r}; valid names: {', '.join(RECONSTRUCTORS)}.")
+    return RECONSTRUCTORS[name](**kwargs)

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from carve3d_trl.rewards import (
+    MRCReward,
+    RadianceFieldReconstructor,
+    crop_pairs,
+    instant3d_layout,
+    make_reconstructor,
+    tile_views,
+)
+from carve3d_trl.rewards.synthetic import distort_views, random_object, render_object
+
+FAST = dict(steps=60)
+
+
+class EchoReconstructor:
+    """Renders = the views, shifted by `offset`: a stand-in with a known MRC."""
+
+    def __init__(self, offset=0.0):
+        self.offset = offset
+
+    def reconstruct(self, views, layout):
+        return (views + self.offset).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def grids():
+    layout = instant3d_layout()
+    obj = random_object(torch.Generator().manual_seed(1))
+    views = render_object(obj, layout, 64)
+    rotated = distort_views(obj, layout, 64, "rotate", 1.0, views=views)
+    return layout, tile_views(torch.stack([views, rotated]), layout)
+
+
+def test_reward_has_the_trl_signature_and_is_minus_the_mean_per_view_lpips(grids):
+    layout, images = grids
+    reward = MRCReward(layout, RadianceFieldReconstructor(**FAST), lpips_pretrained=False)
+    rewards, info = reward(images, ("a chair", "a chair"), ({}, {}))
+    assert rewards.dtype == torch.float32 and rewards.device.type == "cpu" and rewards.shape == (2,)
+    assert info["mrc_per_view"].shape == (2, 4) and info["renders"].shape == (2, 4, 3, 32, 32)
+    torch.testing.assert_close(info["mrc"], info["mrc_per_view"].mean(dim=1))
+    torch.testing.assert_close(rewards, -info["mrc_per_view"].mean(dim=1))
+    # The per-view values are LPIPS of the cropped pairs.
+    views = images.view(2, 3, 2, 64, 2, 64).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, 3, 64, 64)
+    view_crops, render_crops = crop_pairs(views, info["renders"])
+    expected = reward.metric(view_crops.flatten(0, 1), render_crops.flatten(0, 1)).view(2, 4)
+    torch.testing.assert_close(info["mrc_per_view"], expected)
+
+
+def test_consistent_views_score_better_than_a_rotated_view(grids):
+    layout, images = grids
+    for metric in ("mse", "psnr"):
+        rewards, _ = MRCReward(layout, RadianceFieldReconstructor(**FAST), metric=metric)(images)
+        assert rewards[0] > rewards[1], metric
+
+
+def test_pixel_metric_signs_and_a_perfect_reconstruction(grids):
+    layout, images = grids
+    perfect, info = MRCReward(layout, EchoReconstructor(), metric="mse")(images)
+    torch.testing.assert_close(perfect, torch.zeros(2))
+    worse, _ = MRCReward(layout, EchoReconstructor(-0.2), metric="mse")(images)
+    assert (worse < 0).all()
+    psnr, info = MRCReward(layout, EchoReconstructor(-0.2), metric="psnr")(images)
+    torch.testing.assert_close(psnr, info["mrc"])  # PSNR: reward = +MRC
+    assert (psnr > 0).all()
+
+
+def test_batch_reward_equals_per_sample_rewards(grids):
+    layout, images = grids
+    reward = MRCReward(layout, RadianceFieldReconstructor(**FAST), metric="psnr")
+    batched, _ = reward(images)
+    singles = torch.cat([reward(images[i : i + 1])[0] for i in range(2)])
+    torch.testing.assert_close(batched, singles, atol=1e-3, rtol=0)
+
+
+def test_wrong_grid_size_is_a_clear_error():
+    reward = MRCReward(reconstructor=EchoReconstructor(), metric="mse")
+    with pytest.raises(ValueError, match="does not fit the 2x2"):
+        reward(torch.rand(1, 3, 64, 63))
+
+
+def test_reconstructors_by_name():
+    assert isinstance(make_reconstructor(), RadianceFieldReconstructor)
+    reward = MRCReward(metric="mse", seed=7, reconstructor_kwargs={"steps": 3})
+    assert reward.reconstructor.seed == 7 and reward.reconstructor.steps == 3
+    with pytest.raises(ValueError, match="radiance_field, openlrm, instantmesh"):
+        make_reconstructor("nerfstudio")
+    with pytest.raises(ValueError, match="by name"):
+        MRCReward(reconstructor=EchoReconstructor(), metric="mse", reconstructor_kwargs={"steps": 3})
+
+
+def test_explicit_device_moves_the_inputs(grids):
+    layout, images = grids
+    reward = MRCReward(layout, EchoReconstructor(), metric="mse", device="cpu")
+    rewards, info = reward(images.double())
+    assert rewards.dtype == torch.float32 and info["renders"].dtype == torch.float32
+
+
+def test_views_not_evaluated_are_nan_and_left_out_of_the_mean(grids):
+    layout, images = grids
+    reward = MRCReward(layout, RadianceFieldReconstructor(held_out_views=2, steps=5), metric="mse")
+    rewards, info = reward(images)
+    per_view = info["mrc_per_view"]
+    assert per_view.isnan().sum(dim=1).tolist() == [2, 2]
+    torch.testing.assert_close(info["mrc"], per_view.nanmean(dim=1))
+    assert rewards.isfinite().all()

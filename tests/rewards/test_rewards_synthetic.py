@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from carve3d_trl.rewards import foreground_mask, instant3d_layout
+from carve3d_trl.rewards.synthetic import (
+    DISTORTIONS,
+    Primitive,
+    SyntheticObject,
+    _bounding_radius,
+    distort_views,
+    random_object,
+    render_object,
+)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    layout = instant3d_layout()
+    obj = random_object(torch.Generator().manual_seed(3))
+    return layout, obj, render_object(obj, layout, 32)
+
+
+def test_random_objects_are_deterministic_and_normalised():
+    first = random_object(torch.Generator().manual_seed(5))
+    assert first == random_object(torch.Generator().manual_seed(5))
+    assert first != random_object(torch.Generator().manual_seed(6))
+    assert 2 <= len(first.primitives) <= 3
+    assert _bounding_radius(first) == pytest.approx(0.9, abs=0.05)
+
+
+def test_render_is_on_white_with_the_object_in_the_middle(scene):
+    layout, _, views = scene
+    assert views.shape == (4, 3, 32, 32)
+    assert views.min() >= 0 and views.max() <= 1
+    mask = foreground_mask(views)
+    assert not mask[:, 0, :].any() and not mask[:, :, 0].any()  # borders are background
+    assert mask[:, 12:20, 12:20].float().mean() > 0.5
+
+
+def test_sphere_silhouette_matches_its_projection():
+    layout = instant3d_layout()
+    sphere = SyntheticObject((Primitive("sphere", (0.0, 0.0, 0.0), (0.5,)),))
+    views = render_object(sphere, layout, 64)
+    # Angular radius asin(0.5 / 2.5); the silhouette's half width in pixels is 64 * f * tan(.).
+    focal = float(layout.intrinsics[0, 0, 0])
+    half_width = 64 * focal * torch.tan(torch.asin(torch.tensor(0.5 / 2.5)))
+    width = foreground_mask(views)[0, 32].sum()
+    assert abs(float(width) - 2 * float(half_width)) <= 2
+
+
+@pytest.mark.parametrize("kind", DISTORTIONS)
+def test_distortions_change_only_the_chosen_view_and_vanish_at_strength_zero(scene, kind):
+    layout, obj, views = scene
+    torch.testing.assert_close(distort_views(obj, layout, 32, kind, 0.0, view_index=2, views=views), views)
+    distorted = distort_views(obj, layout, 32, kind, 1.0, view_index=2, views=views)
+    torch.testing.assert_close(distorted[[0, 1, 3]], views[[0, 1, 3]])
+    assert (distorted[2] - views[2]).abs().mean() > 0.005
+
+
+def test_unknown_names_are_rejected(scene):
+    layout, obj, _ = scene
+    with pytest.raises(ValueError, match="rotate, recolour, shift_scale, patch"):
+        distort_views(obj, layout, 32, "blur", 0.5)
+    with pytest.raises(ValueError, match="sphere, box, cylinder, torus"):
+        Primitive("cone", (0.0, 0.0, 0.0), (0.3,))

@@ -1,0 +1,32 @@
+"""A fast version of the MRC robustness study (the full one: benchmarks/bench_mrc_validity.py)."""
+
+import math
+
+import pytest
+
+from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout
+from carve3d_trl.rewards.synthetic import DISTORTIONS
+from carve3d_trl.rewards.validity import run_validity_study, spearman
+
+
+def test_spearman():
+    assert spearman([0, 1, 2, 3], [1.0, 2.0, 5.0, 9.0]) == pytest.approx(1.0)
+    assert spearman([0, 1, 2, 3], [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert spearman([0, 1, 2], [1.0, 1.0, 2.0]) == pytest.approx(math.sqrt(3) / 2)
+
+
+def test_mrc_worsens_with_the_strength_of_every_distortion():
+    layout = instant3d_layout()
+    result = run_validity_study(
+        lambda seed: MRCReward(layout, RadianceFieldReconstructor(seed=seed), metric="psnr"),
+        layout,
+        num_objects=2,
+        levels=(0.0, 0.5, 1.0),
+        view_size=64,
+        seeds=(0, 1),
+    )
+    assert result.higher_is_better
+    for kind in DISTORTIONS:
+        assert result.mrc[kind].shape == (2, 3)
+        assert result.spearman[kind] >= 0.95, (kind, result.mrc[kind])
+        assert result.first_gap[kind] > 3 * result.seed_std, kind
