@@ -57,8 +57,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     print(f"threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}")
-    print("| views | view size | batch | wall s / sample | CPU s / sample | singles / batch (wall) | (CPU) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| views | view size | batch B | wall s/sample, one call | wall s/sample, B calls | CPU s/sample, one call "
+        "| B calls / one call (wall) | (CPU) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for num_views in args.views:
         layout = LAYOUTS[num_views]()
         reward = MRCReward(
@@ -81,13 +84,15 @@ def main() -> None:
                     view_size=size,
                     batch=batch,
                     wall_per_sample=batch_wall / batch,
+                    wall_per_sample_single_calls=single_wall / batch,
                     cpu_per_sample=batch_cpu / batch,
                     singles_over_batch_wall=single_wall / batch_wall,
                     singles_over_batch_cpu=single_cpu / batch_cpu,
                 )
                 rows.append(row)
                 print(
-                    f"| {num_views} | {size} | {batch} | {row['wall_per_sample']:.2f} | {row['cpu_per_sample']:.2f} | "
+                    f"| {num_views} | {size} | {batch} | {row['wall_per_sample']:.2f} | "
+                    f"{row['wall_per_sample_single_calls']:.2f} | {row['cpu_per_sample']:.2f} | "
                     f"{row['singles_over_batch_wall']:.2f} | {row['singles_over_batch_cpu']:.2f} |",
                     flush=True,
                 )
