@@ -18,8 +18,6 @@ class Carve3DStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
 
     - Safe to build before any `Accelerator` exists (TRL's logs through accelerate and raises otherwise).
     - LoRA rank, alpha and target modules are arguments (TRL hard-codes rank 4).
-    - `save_lora_weights(dir)` writes only `pytorch_lora_weights.safetensors` in the diffusers format, loadable with
-      `StableDiffusionPipeline.load_lora_weights(dir)`.
 
     Args:
         pretrained_model_name (`str`): Hub model id or local diffusers folder of the base model.
@@ -69,22 +67,6 @@ class Carve3DStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
             if param.requires_grad:  # keep trainable LoRA weights in fp32 under mixed precision
                 param.data = param.data.to(torch.float32)
         return unet
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The UNet's LoRA weights in the diffusers naming."""
-        from peft.utils import get_peft_model_state_dict
-        from trl.models.sd_utils import convert_state_dict_to_diffusers
-
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.sd_pipeline.unet))
-
-    def save_lora_weights(self, output_dir: str | Path) -> Path:
-        """Write `pytorch_lora_weights.safetensors` (diffusers format) into `output_dir`; returns its path."""
-        if not self.use_lora:
-            raise ValueError("This pipeline trains the full UNet (use_lora=False); there are no LoRA weights to save.")
-        type(self.sd_pipeline).save_lora_weights(
-            save_directory=str(output_dir), unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME
-        )
-        return Path(output_dir) / LORA_WEIGHT_NAME
 
 
 def load_lora_into_unet_adapter(unet: torch.nn.Module, input_dir: str | Path) -> None:

@@ -39,12 +39,12 @@ from carve3d_trl import load_prompts
 from carve3d_trl.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from carve3d_trl.hub import validate_repo_id
 from carve3d_trl.image_logging import tile_renders_like
+from carve3d_trl.pipelines import LORA_WEIGHT_NAME
 from carve3d_trl.rewards import MRCReward
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
 
 logger = logging.getLogger("evaluate_mrc")
 EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "objects.txt"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -18,6 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
 from carve3d_trl import Carve3DStableDiffusionPipeline, load_prompts
+from carve3d_trl.export import save_unet_weights
 from carve3d_trl.hub import HubUploadError, push_folder_to_hub
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
 
@@ -51,7 +52,7 @@ def lora_dir(tiny_model_path, tmp_path_factory):
             if "lora_B" in name:
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
     folder = tmp_path_factory.mktemp("lora")
-    pipeline.save_lora_weights(folder)
+    save_unet_weights(pipeline, folder)
     return folder
 
 
