@@ -100,30 +100,39 @@ class PromptCycler:
     """A DDPO prompt function cycling through a fixed prompt list.
 
     The prompts are dealt from one global stream: the stream is the concatenation of seeded permutations of the
-    prompt list, and process `p` of `P` takes stream positions `p, p + P, p + 2P, ...`. Hence every prompt receives
-    an equal share of the samples of each epoch when the samples per epoch (over all processes) are a multiple of
-    the number of prompts, the draws are deterministic per seed, and no two processes draw the same position.
+    prompt list, cut into blocks of `block_size` positions dealt to the processes in turn (block `k` goes to process
+    `k mod P`). With `block_size` equal to the sample batch size, stream position `n` is the `n`-th sample of the
+    run counted batch by batch, process by process, whatever the number of processes. Every prompt receives an equal
+    share of the samples of each epoch when the samples per epoch (over all processes) are a multiple of the number
+    of prompts, the draws are deterministic per seed, and no two processes draw the same position.
 
     Args:
         prompts (`list[str]`): The prompts.
         seed (`int`): Seed of the permutations.
         process_index (`int`): This process's rank.
         num_processes (`int`): The number of processes.
+        block_size (`int`): Consecutive positions a process takes before the next process's turn.
     """
 
-    def __init__(self, prompts: list[str], seed: int = 0, process_index: int = 0, num_processes: int = 1):
+    def __init__(
+        self, prompts: list[str], seed: int = 0, process_index: int = 0, num_processes: int = 1, block_size: int = 1
+    ):
         if not prompts:
             raise ValueError("PromptCycler needs at least one prompt.")
+        if block_size < 1:
+            raise ValueError(f"PromptCycler's block_size must be >= 1, got {block_size}.")
         self.prompts = list(prompts)
         self.seed = seed
         self.process_index = process_index
         self.num_processes = num_processes
+        self.block_size = block_size
         self.calls = 0
         self._cycle = -1
         self._order: np.ndarray = np.arange(len(self.prompts))
 
     def __call__(self) -> tuple[str, dict[str, Any]]:
-        position = self.calls * self.num_processes + self.process_index
+        block, offset_in_block = divmod(self.calls, self.block_size)
+        position = (block * self.num_processes + self.process_index) * self.block_size + offset_in_block
         self.calls += 1
         cycle, offset = divmod(position, len(self.prompts))
         if cycle != self._cycle:

@@ -21,6 +21,14 @@ from trl.models import DDPOStableDiffusionPipeline
 
 from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, prune_checkpoints
 from .checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, resolve_checkpoint
+from .conditioning import (
+    Conditioning,
+    concat_conditioning,
+    conditioner_of,
+    guided_noise,
+    repeat_conditioning,
+    split_conditioning,
+)
 from .config import Carve3DConfig
 from .distributed import ensure_process_state
 from .export import save_samples, save_unet_weights
@@ -37,6 +45,7 @@ from .interrupts import (
 from .model_card import ModelCardInfo, write_model_card
 from .pipelines import load_lora_into_unet_adapter
 from .prompts import PromptCycler, load_prompts
+from .sampling import sample_with_log_probs
 from .stats import PromptStatTracker, compute_advantages
 
 logger = logging.getLogger(__name__)
@@ -98,6 +107,7 @@ class Carve3DTrainer(DDPOTrainer):
         self.global_step = 0
         self.stop_request = StopRequest()
         self._epoch_updated = False  # whether the current epoch has changed the weights yet
+        self._sampling_epoch = 0  # seeds the sampling noise (see `_sample_generators`)
 
         resume_dir = resolve_checkpoint(config.resume_from) if config.resume_from else None
         self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
@@ -128,13 +138,11 @@ class Carve3DTrainer(DDPOTrainer):
         set_seed(config.seed, device_specific=True)
 
         self.sd_pipeline = sd_pipeline
-        self.sd_pipeline.set_progress_bar_config(
-            position=1, disable=not self.accelerator.is_local_main_process, leave=False, desc="Timestep"
-        )
+        self.conditioner = conditioner_of(sd_pipeline)
         inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         inference_dtype = inference_dtype or torch.float32
         self.sd_pipeline.vae.to(self.accelerator.device, dtype=inference_dtype)
-        self.sd_pipeline.text_encoder.to(self.accelerator.device, dtype=inference_dtype)
+        self.conditioner.to(self.accelerator.device, inference_dtype)
         use_lora = bool(getattr(self.sd_pipeline, "use_lora", False))
         # A fully trained UNet keeps fp32 weights (autocast computes in half precision); TRL casts it to fp16.
         self.sd_pipeline.unet.to(self.accelerator.device, dtype=inference_dtype if use_lora else torch.float32)
@@ -155,7 +163,7 @@ class Carve3DTrainer(DDPOTrainer):
         self.optimizer = self._setup_optimizer(
             trainable_layers.parameters() if not isinstance(trainable_layers, list) else trainable_layers
         )
-        self.neg_prompt_embed = self._encode_prompts([config.negative_prompts or ""])
+        self.negative_conditioning = self.conditioner.encode_negative(config.negative_prompts or "", 1)
 
         stat_sizes = (config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
         self.stat_tracker = PromptStatTracker(*stat_sizes) if config.per_prompt_stat_tracking else None
@@ -194,17 +202,10 @@ class Carve3DTrainer(DDPOTrainer):
         )
         if config.prompt_dataset_eval_split:
             self.eval_prompts = load_prompts(config.prompt_dataset, config.prompt_dataset_eval_split, **load)
-        self.prompt_cycler = PromptCycler(prompts, config.seed, state.process_index, state.num_processes)
+        self.prompt_cycler = PromptCycler(
+            prompts, config.seed, state.process_index, state.num_processes, block_size=config.sample_batch_size
+        )
         return self.prompt_cycler
-
-    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states `(len(prompts), seq_len, dim)` on the accelerator's device."""
-        tokenizer = self.sd_pipeline.tokenizer
-        ids = tokenizer(
-            prompts, return_tensors="pt", padding="max_length", truncation=True, max_length=tokenizer.model_max_length
-        ).input_ids.to(self.accelerator.device)
-        with torch.no_grad():
-            return self.sd_pipeline.text_encoder(ids)[0]
 
     @contextlib.contextmanager
     def reference_unet_scope(self) -> Iterator[torch.nn.Module]:
@@ -222,20 +223,65 @@ class Carve3DTrainer(DDPOTrainer):
     # ------------------------------------------------------------------ sampling and rewards
 
     def _generate_samples(self, iterations: int, batch_size: int):
-        """Sample `iterations` batches of `batch_size` images, as TRL does, plus the base model's log-probabilities.
+        """Sample `iterations` batches of `batch_size` images, plus the base model's log-probabilities.
+
+        Each sample's noise comes from its own generator seeded by `(seed, epoch, global sample index)`, where the
+        global index counts the epoch's samples over all processes (batch by batch, process by process); with the
+        prompt cycler dealing prompts in the same order, a run draws the same samples on any number of processes.
 
         Returns:
-            samples (`list[dict[str, torch.Tensor]]`): TRL's per-batch tensors (`prompt_embeds`, `timesteps`
-            `(B, T)`, `latents`/`next_latents` `(B, T, C, h, w)`, `log_probs` `(B, T)`, ...), with
-            `ref_log_probs` `(B, T)` added when the KL is computed, and `prompts` (`list[str]`).
+            samples (`list[dict[str, torch.Tensor]]`): per batch, the conditioning tensors (e.g. `prompt_embeds`) and
+            their `negative_*` counterparts, `timesteps` `(B, T)`, `latents`/`next_latents` `(B, T, C, h, w)`,
+            `log_probs` `(B, T)`, `ref_log_probs` `(B, T)` when the KL is computed, and `prompts` (`list[str]`).
             prompt_image_pairs (`list[list]`): `[images (B, 3, H, W), prompts, prompt_metadata]` per batch.
         """
-        samples, prompt_image_pairs = super()._generate_samples(iterations, batch_size)
-        for sample, (_, prompts, _) in zip(samples, prompt_image_pairs):
-            sample["prompts"] = list(prompts)
+        config = self.config
+        samples, prompt_image_pairs = [], []
+        self.sd_pipeline.unet.eval()
+        negative = repeat_conditioning(self.negative_conditioning, batch_size)
+        for batch_index in range(iterations):
+            prompts, prompt_metadata = zip(*[self.prompt_fn() for _ in range(batch_size)])
+            conditioning = self.conditioner.encode(prompts)
+            with self.autocast():
+                output = sample_with_log_probs(
+                    self.sd_pipeline,
+                    self.conditioner,
+                    conditioning,
+                    negative,
+                    num_inference_steps=config.sample_num_steps,
+                    guidance_scale=config.sample_guidance_scale,
+                    eta=config.sample_eta,
+                    generator=self._sample_generators(batch_index, batch_size),
+                )
+            latents = torch.stack(output.latents, dim=1)  # (B, T + 1, C, h, w)
+            sample = {
+                **conditioning,
+                **{f"negative_{key}": value for key, value in negative.items()},
+                "timesteps": self.sd_pipeline.scheduler.timesteps.repeat(batch_size, 1),
+                "latents": latents[:, :-1],
+                "next_latents": latents[:, 1:],
+                "log_probs": torch.stack(output.log_probs, dim=1),
+            }
             if self.computes_kl:
                 sample["ref_log_probs"] = self.reference_log_probs(sample)
+            sample["prompts"] = list(prompts)
+            samples.append(sample)
+            prompt_image_pairs.append([output.images, prompts, prompt_metadata])
         return samples, prompt_image_pairs
+
+    def _sample_generators(self, batch_index: int, batch_size: int) -> list[torch.Generator]:
+        """One generator per sample of this process's batch `batch_index` of the current epoch."""
+        first = (batch_index * self.accelerator.num_processes + self.accelerator.process_index) * batch_size
+        seeds = [
+            np.random.SeedSequence([self.config.seed, self._sampling_epoch, first + i]).generate_state(1, np.uint64)[0]
+            for i in range(batch_size)
+        ]
+        return [torch.Generator(self.accelerator.device).manual_seed(int(seed)) for seed in seeds]
+
+    def _split_conditioning(self, sample: dict[str, torch.Tensor]) -> tuple[Conditioning, Conditioning]:
+        """The prompts' and the unconditional conditioning stored in `sample`."""
+        keys = self.conditioner.keys
+        return {k: sample[k] for k in keys}, {k: sample[f"negative_{k}"] for k in keys}
 
     @torch.no_grad()
     def reference_log_probs(self, sample: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,14 +291,14 @@ class Carve3DTrainer(DDPOTrainer):
         and the DDIM step scores the `x_{t-1}` that was actually sampled.
         """
         guidance = self.config.sample_guidance_scale
-        embeds = sample["prompt_embeds"]
-        if guidance > 1.0:
-            embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
+        conditioning, negative = self._split_conditioning(sample)
+        negative = negative if guidance > 1.0 else None
         log_probs = []
         with self.reference_unet_scope() as unet, self.autocast():
             for j in range(sample["timesteps"].shape[1]):
                 timestep = sample["timesteps"][0, j]  # one schedule per batch, exactly as the sampler used it
-                noise_pred = self._guided_noise(unet, sample["latents"][:, j], timestep, embeds, guidance > 1.0)
+                latents = sample["latents"][:, j]
+                noise_pred = guided_noise(unet, self.conditioner, latents, timestep, conditioning, negative, guidance)
                 log_probs.append(
                     self.sd_pipeline.scheduler_step(
                         noise_pred,
@@ -263,15 +309,6 @@ class Carve3DTrainer(DDPOTrainer):
                     ).log_probs
                 )
         return torch.stack(log_probs, dim=1)
-
-    def _guided_noise(
-        self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, cfg: bool
-    ) -> torch.Tensor:
-        """The noise prediction `(B, C, h, w)`; with `cfg`, `embeds` is `[negative; positive]` and guidance applies."""
-        if not cfg:
-            return unet(latents, timesteps, embeds).sample
-        noise_uncond, noise_text = unet(torch.cat([latents] * 2), _repeat_timesteps(timesteps), embeds).sample.chunk(2)
-        return noise_uncond + self.config.sample_guidance_scale * (noise_text - noise_uncond)
 
     def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
         """Rewards per sampled batch: `(rewards, reward_metadata)` tuples, as in TRL (whose async mode crashes)."""
@@ -294,6 +331,7 @@ class Carve3DTrainer(DDPOTrainer):
         every `save_freq` epochs.
         """
         config = self.config
+        self._sampling_epoch = epoch
         samples, prompt_image_data = self._generate_samples(
             iterations=config.sample_num_batches_per_epoch, batch_size=config.sample_batch_size
         )
@@ -330,7 +368,6 @@ class Carve3DTrainer(DDPOTrainer):
             .reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
             .to(self.accelerator.device)
         )
-        del samples["prompt_ids"]
         if not (config.kl_penalty and not config.kl_in_reward):
             samples.pop("ref_log_probs", None)  # only the in-loss KL needs it during training
 
@@ -410,14 +447,22 @@ class Carve3DTrainer(DDPOTrainer):
             next_latents (`torch.Tensor`): the sampled `x_{t-1}`, shape `(B, C, h, w)`.
             log_probs (`torch.Tensor`): log-probabilities at sampling time, shape `(B,)`.
             advantages (`torch.Tensor`): shape `(B,)`, clipped to `train_adv_clip_max` here.
-            embeds (`torch.Tensor`): prompt embeddings; `[negative; positive]`, `(2B, ...)`, when `train_cfg`.
+            embeds (`Conditioning` or `torch.Tensor`): the conditioning (a tensor is taken as `prompt_embeds`, as in
+                TRL); `[negative; positive]`, `(2B, ...)` per key, when `train_cfg`.
             ref_log_probs (`torch.Tensor`, *optional*): the base model's log-probabilities, shape `(B,)`.
 
         Returns:
             loss, approx_kl, clipfrac (`torch.Tensor`, scalars).
         """
+        conditioning = embeds if isinstance(embeds, dict) else {"prompt_embeds": embeds}
+        negative = None
+        if self.config.train_cfg:
+            negative, conditioning = split_conditioning(conditioning)
+        guidance = self.config.sample_guidance_scale
         with self.autocast():
-            noise_pred = self._guided_noise(self.training_unet, latents, timesteps, embeds, self.config.train_cfg)
+            noise_pred = guided_noise(
+                self.training_unet, self.conditioner, latents, timesteps, conditioning, negative, guidance
+            )
             log_prob = self.sd_pipeline.scheduler_step(
                 noise_pred, timesteps, latents, eta=self.config.sample_eta, prev_sample=next_latents
             ).log_probs
@@ -436,9 +481,8 @@ class Carve3DTrainer(DDPOTrainer):
         params = self.trainable_layers
         params = params if isinstance(params, list) else list(params.parameters())
         for sample in self._progress(batched_samples, "Train"):
-            embeds = sample["prompt_embeds"]
-            if self.config.train_cfg:
-                embeds = torch.cat([sample["negative_prompt_embeds"], embeds])
+            conditioning, negative = self._split_conditioning(sample)
+            embeds = concat_conditioning(negative, conditioning) if self.config.train_cfg else conditioning
             for j in range(self.num_train_timesteps):
                 if not self._epoch_updated:
                     self._raise_if_stop_requested()
@@ -681,7 +725,3 @@ def _mean(values: np.ndarray) -> float:
 
 def _std(values: np.ndarray) -> float:
     return float(values.std()) if values.size else float("nan")
-
-
-def _repeat_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
-    return timesteps if timesteps.ndim == 0 else torch.cat([timesteps] * 2)

@@ -73,6 +73,10 @@ def test_hub_ids_go_to_load_dataset_with_revision(monkeypatch):
     assert calls == [("user/carve3d-prompts", "train", "v1")]
 
 
+def draw(cycler: PromptCycler, n: int) -> list[str]:
+    return [cycler()[0] for _ in range(n)]
+
+
 def test_cycler_gives_every_prompt_an_equal_share_per_epoch_across_processes():
     prompts = [f"p{i}" for i in range(6)]
     processes = [PromptCycler(prompts, seed=3, process_index=r, num_processes=2) for r in range(2)]
@@ -83,7 +87,6 @@ def test_cycler_gives_every_prompt_an_equal_share_per_epoch_across_processes():
 
 def test_cycler_is_deterministic_per_seed_distinct_per_process_and_resumable():
     prompts = [f"p{i}" for i in range(10)]
-    draw = lambda c, n: [c()[0] for _ in range(n)]  # noqa: E731
     assert draw(PromptCycler(prompts, seed=1), 20) == draw(PromptCycler(prompts, seed=1), 20)
     assert draw(PromptCycler(prompts, seed=1), 20) != draw(PromptCycler(prompts, seed=2), 20)
     rank0, rank1 = PromptCycler(prompts, 1, 0, 2), PromptCycler(prompts, 1, 1, 2)
@@ -92,3 +95,14 @@ def test_cycler_is_deterministic_per_seed_distinct_per_process_and_resumable():
     resumed = PromptCycler(prompts, 1, 0, 2)
     resumed.load_state_dict(rank0.state_dict())
     assert draw(resumed, 7) == draw(rank0, 7)
+
+
+def test_cycler_blocks_deal_the_same_global_stream_on_any_number_of_processes():
+    prompts = [f"prompt {i}" for i in range(5)]
+    single = draw(PromptCycler(prompts, seed=4, block_size=6), 24)  # 4 batches of 6 on one process
+    ranks = [PromptCycler(prompts, seed=4, process_index=r, num_processes=2, block_size=3) for r in range(2)]
+    # batches of 3 per process: batch k of the run is rank 0's k-th batch, then rank 1's
+    interleaved = [p for _ in range(4) for cycler in ranks for p in draw(cycler, 3)]
+    assert interleaved == single
+    with pytest.raises(ValueError, match="block_size"):
+        PromptCycler(prompts, block_size=0)

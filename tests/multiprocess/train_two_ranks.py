@@ -1,4 +1,5 @@
-"""Run on 2 processes by test_multiprocess.py: trains a tiny model and dumps what each rank saw."""
+"""Run by test_multiprocess.py on 2 processes (and on 1): trains a tiny model with a global sample batch of 4 and
+dumps what each rank saw."""
 
 import json
 import sys
@@ -7,14 +8,17 @@ from pathlib import Path
 import torch
 
 from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+from carve3d_trl.distributed import ensure_process_state
 
+GLOBAL_BATCH = 4
 torch.set_num_threads(1)
 model_path, prompts_path, out_dir = sys.argv[1:4]
+per_process = GLOBAL_BATCH // ensure_process_state().num_processes
 config = Carve3DConfig(
     sample_num_steps=2,
-    sample_batch_size=2,
+    sample_batch_size=per_process,
     sample_num_batches_per_epoch=1,
-    train_batch_size=2,
+    train_batch_size=per_process,
     mixed_precision="no",
     log_with=None,
     seed=0,
@@ -26,6 +30,7 @@ config = Carve3DConfig(
 trainer = Carve3DTrainer(
     config, lambda im, p, m: (im.mean(dim=(1, 2, 3)), {}), sd_pipeline=Carve3DStableDiffusionPipeline(model_path)
 )
+initial_lora = torch.cat([p.detach().flatten().clone() for p in trainer.trainable_layers])
 trainer.train(epochs=3)
 trainer.save_pretrained(Path(out_dir) / "model")
 rank = trainer.accelerator.process_index
@@ -38,6 +43,7 @@ Path(out_dir, f"rank{rank}.json").write_text(
             "reward_stats": trainer.stat_tracker.state_dict(),
             "kl_stats": trainer.kl_stat_tracker.state_dict(),
             "lora": lora.tolist(),
+            "initial_lora": initial_lora.tolist(),
             "global_step": trainer.global_step,
         }
     )

@@ -1,0 +1,128 @@
+"""What a model family feeds its UNet besides latents and timesteps, behind one interface the trainer uses.
+
+A *conditioning* is a dict of batch-first tensors (for Stable Diffusion `{"prompt_embeds": (B, L, D)}`; SDXL adds
+pooled embeddings and `add_time_ids`). The trainer stores it with the samples, shuffles and rebatches it like any other
+sample tensor, and hands it back to the conditioner to run the UNet, so sampling, training and the KL reference share
+one code path for every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+Conditioning = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class PromptConditioner(Protocol):
+    """Turns prompts into a [`Conditioning`] and a conditioning into the UNet's keyword arguments."""
+
+    keys: tuple[str, ...]
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """The conditioning of `prompts`: a dict of `keys` to tensors `(len(prompts), ...)`."""
+        ...
+
+    def encode_negative(self, negative_prompt: str, batch_size: int) -> Conditioning:
+        """The unconditional branch of classifier-free guidance, repeated to `batch_size`."""
+        ...
+
+    def unet_kwargs(self, conditioning: Conditioning) -> dict[str, Any]:
+        """Keyword arguments of `unet(latents, timesteps, **kwargs)`."""
+        ...
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Move the (frozen) encoders to `device` and `dtype`."""
+        ...
+
+
+class StableDiffusionConditioner:
+    """Stable Diffusion 1.x/2.x: the CLIP text encoder's last hidden states, `{"prompt_embeds": (B, L, D)}`.
+
+    Args:
+        tokenizer (`transformers.CLIPTokenizer`): The pipeline's tokenizer.
+        text_encoder (`transformers.CLIPTextModel`): The pipeline's text encoder (frozen).
+    """
+
+    keys = ("prompt_embeds",)
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        ids = self.tokenizer(
+            list(prompts),
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+        ).input_ids.to(self.text_encoder.device)
+        return {"prompt_embeds": self.text_encoder(ids)[0]}
+
+    def encode_negative(self, negative_prompt: str, batch_size: int) -> Conditioning:
+        return repeat_conditioning(self.encode([negative_prompt]), batch_size)
+
+    def unet_kwargs(self, conditioning: Conditioning) -> dict[str, Any]:
+        return {"encoder_hidden_states": conditioning["prompt_embeds"]}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.text_encoder.to(device, dtype=dtype)
+
+
+def conditioner_of(pipeline) -> PromptConditioner:
+    """The conditioner of a DDPO pipeline: its own `conditioner`, else (TRL's Stable Diffusion pipelines) a
+    [`StableDiffusionConditioner`] over its tokenizer and text encoder."""
+    conditioner = getattr(pipeline, "conditioner", None)
+    if conditioner is not None:
+        return conditioner
+    if getattr(pipeline, "tokenizer", None) is None or getattr(pipeline, "text_encoder", None) is None:
+        raise TypeError(
+            f"{type(pipeline).__name__} has neither a `conditioner` nor a tokenizer and text encoder; use "
+            "Carve3DStableDiffusionPipeline or Carve3DStableDiffusionXLPipeline, or give the pipeline a `conditioner` "
+            "(see carve3d_trl.conditioning.PromptConditioner)."
+        )
+    return StableDiffusionConditioner(pipeline.tokenizer, pipeline.text_encoder)
+
+
+def repeat_conditioning(conditioning: Conditioning, batch_size: int) -> Conditioning:
+    """Repeat a batch-of-one conditioning to `batch_size` along the batch dimension."""
+    return {k: v.expand(batch_size, *v.shape[1:]).contiguous() for k, v in conditioning.items()}
+
+
+def concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioning:
+    """Concatenate two conditionings with the same keys along the batch dimension."""
+    return {k: torch.cat([first[k], second[k]]) for k in first}
+
+
+def split_conditioning(conditioning: Conditioning) -> tuple[Conditioning, Conditioning]:
+    """Split a `[first; second]` conditioning into its two halves (the inverse of [`concat_conditioning`])."""
+    halves = {k: v.chunk(2) for k, v in conditioning.items()}
+    return {k: v[0] for k, v in halves.items()}, {k: v[1] for k, v in halves.items()}
+
+
+def guided_noise(
+    unet: torch.nn.Module,
+    conditioner: PromptConditioner,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditioning: Conditioning,
+    negative: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The UNet's noise prediction `(B, C, h, w)` for latents `(B, C, h, w)` at `timesteps` (scalar or `(B,)`).
+
+    With `negative` (the unconditional conditioning, `(B, ...)` per key), both branches run in one batch and
+    classifier-free guidance with `guidance_scale` combines them.
+    """
+    if negative is None:
+        return unet(latents, timesteps, **conditioner.unet_kwargs(conditioning)).sample
+    if timesteps.ndim:
+        timesteps = torch.cat([timesteps, timesteps])
+    kwargs = conditioner.unet_kwargs(concat_conditioning(negative, conditioning))
+    noise_uncond, noise_text = unet(torch.cat([latents, latents]), timesteps, **kwargs).sample.chunk(2)
+    return noise_uncond + guidance_scale * (noise_text - noise_uncond)
