@@ -4,7 +4,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test test-slow bench lint
+.PHONY: setup train test test-slow bench replicate toy-model lint
 
 setup:
 	bash scripts/bootstrap.sh
@@ -20,6 +20,13 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_sdxl.py
+
+replicate: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_replication.py
+
+toy-model: setup
+	OMP_NUM_THREADS=1 $(PY) scripts/train_toy_model.py
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

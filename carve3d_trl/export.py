@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from .image_logging import LoggedSample
-from .pipelines import LORA_WEIGHT_NAME
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = "samples"
 
 
 def save_unet_weights(sd_pipeline: Any, output_dir: Path) -> Path:
     """Write the trained UNet weights of a DDPO pipeline into `output_dir`.
 
-    With LoRA: `pytorch_lora_weights.safetensors` in the diffusers format (`pipe.load_lora_weights(output_dir)`).
+    With LoRA: `pytorch_lora_weights.safetensors` in the diffusers format of the pipeline's family
+    (`pipe.load_lora_weights(output_dir)` with `StableDiffusionPipeline` or `StableDiffusionXLPipeline`).
     Without: the full UNet as a diffusers `unet/` subfolder.
     """
     if getattr(sd_pipeline, "use_lora", False):

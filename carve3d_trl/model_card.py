@@ -76,6 +76,7 @@ class ModelCardInfo:
         samples: Dicts with ``prompt``, ``image`` (path of the generated grid PNG relative to the card),
             optional ``render`` (path of the reconstruction renders PNG) and optional ``mrc`` (float).
         extra_tags: Hub tags added to :data:`BASE_TAGS`.
+        pipeline_class: The diffusers pipeline class that loads the base model and the LoRA in the usage snippet.
     """
 
     base_model: str
@@ -86,6 +87,7 @@ class ModelCardInfo:
     history: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     extra_tags: list[str] = field(default_factory=list)
+    pipeline_class: str = "StableDiffusionPipeline"
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -208,6 +210,7 @@ def render_model_card(info: ModelCardInfo) -> str:
         template_str=template,
         title=info.repo_id.split("/")[-1] if info.repo_id else "Carve3D LoRA",
         base_model=info.base_model,
+        pipeline_class=info.pipeline_class,
         base_model_link=(
             f"[{base_hub_id}](https://huggingface.co/{base_hub_id})" if base_hub_id else f"`{info.base_model}`"
         ),

@@ -1,7 +1,8 @@
 """Tiny, randomly initialised text-to-image pipelines built offline, for tests, examples and benchmarks.
 
 The pipelines are ordinary diffusers folders: `StableDiffusionPipeline.from_pretrained(path)` and
-`DefaultDDPOStableDiffusionPipeline(path)` load them. Their images are grids of views (2x2 by default), so the
+`DefaultDDPOStableDiffusionPipeline(path)` load them (`StableDiffusionXLPipeline.from_pretrained(path)` and
+`Carve3DStableDiffusionXLPipeline(path)` the tiny SDXL). Their images are grids of views (2x2 by default), so the
 multi-view reward runs on them. Everything is deterministic for a given seed.
 """
 
@@ -47,71 +48,77 @@ class TinyPipelineSpec:
             raise ValueError(f"image_size {self.image_size} must be divisible by 2 ** (vae_blocks - 1).")
 
 
-def build_tiny_tokenizer(save_directory: str | Path):
-    """A character-level CLIP tokenizer (printable ASCII), built with public APIs only."""
+def build_tiny_tokenizer(save_directory: str | Path, model_max_length: int = 32):
+    """A character-level CLIP tokenizer (printable ASCII) of `model_max_length` tokens, built with public APIs only."""
     from transformers import CLIPTokenizer
 
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     symbols = [c for c in string.printable if not c.isspace()]
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *symbols, *(s + "</w>" for s in symbols)])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
     tokenizer.save_pretrained(save_directory)
     return tokenizer
 
 
-def build_tiny_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
-    """Build a tiny random `StableDiffusionPipeline` (on CPU, float32) from `spec`, deterministic in `seed`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_unet(spec: TinyPipelineSpec, **extra):
+    """The tiny UNet: one cross-attention block per `spec.unet_channels` entry; `extra` adds config fields (SDXL's
+    added conditioning)."""
+    from diffusers import UNet2DConditionModel
 
-    spec = spec or TinyPipelineSpec()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tiny_tokenizer(tmp)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=spec.latent_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=spec.unet_channels,
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D",) * len(spec.unet_channels),
-            up_block_types=("CrossAttnUpBlock2D",) * len(spec.unet_channels),
-            cross_attention_dim=spec.text_hidden_size,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16,) * spec.vae_blocks,
-            down_block_types=("DownEncoderBlock2D",) * spec.vae_blocks,
-            up_block_types=("UpDecoderBlock2D",) * spec.vae_blocks,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=spec.image_size,
-        )
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=spec.text_hidden_size,
-                intermediate_size=2 * spec.text_hidden_size,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
-    scheduler = DDIMScheduler(
+    return UNet2DConditionModel(
+        sample_size=spec.latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=spec.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * len(spec.unet_channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(spec.unet_channels),
+        cross_attention_dim=spec.text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        **extra,
+    )
+
+
+def _tiny_vae(spec: TinyPipelineSpec):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16,) * spec.vae_blocks,
+        down_block_types=("DownEncoderBlock2D",) * spec.vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * spec.vae_blocks,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=spec.image_size,
+    )
+
+
+def _tiny_text_config(tokenizer, hidden_size: int, **extra):
+    """A two-layer `CLIPTextConfig` of width `hidden_size` over `tokenizer`'s vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -119,15 +126,77 @@ def build_tiny_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def _tiny_tokenizer():
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_tiny_tokenizer(tmp)
+
+
+def build_tiny_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
+    """Build a tiny random `StableDiffusionPipeline` (on CPU, float32) from `spec`, deterministic in `seed`."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    spec = spec or TinyPipelineSpec()
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet(spec)
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae(spec)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, spec.text_hidden_size))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_tiny_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
+    """Build a tiny random `StableDiffusionXLPipeline` (on CPU, float32) matching [`build_tiny_pipeline`]'s sizes.
+
+    The UNet, VAE and scheduler are those of the tiny SD pipeline, plus SDXL's added conditioning
+    (`addition_embed_type="text_time"`: pooled text embeddings and the 6 size/crop ids). Two text encoders of width
+    `spec.text_hidden_size // 2` (the second a `CLIPTextModelWithProjection`) share the character-level tokenizer;
+    their concatenated hidden states have the tiny SD's cross-attention width, so both UNets cost the same.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = spec or TinyPipelineSpec()
+    tokenizer = _tiny_tokenizer()
+    width = spec.text_hidden_size // 2
+    time_embed_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet(
+            spec,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + width,
+        )
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae(spec)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, width))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, width, projection_dim=width))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_tiny_scheduler(),
+        add_watermarker=False,
     )
 
 
@@ -135,4 +204,11 @@ def save_tiny_pipeline(path: str | Path, spec: TinyPipelineSpec | None = None, s
     """Build the tiny pipeline and save it as a diffusers folder at `path` (returned)."""
     path = Path(path)
     build_tiny_pipeline(spec, seed).save_pretrained(path)
+    return path
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, spec: TinyPipelineSpec | None = None, seed: int = 0) -> Path:
+    """Build the tiny SDXL pipeline and save it as a diffusers folder at `path` (returned)."""
+    path = Path(path)
+    build_tiny_sdxl_pipeline(spec, seed).save_pretrained(path)
     return path

@@ -694,6 +694,7 @@ class Carve3DTrainer(DDPOTrainer):
         atomic_write_json(folder / HISTORY_NAME, self.history)
         info = ModelCardInfo(
             base_model=str(getattr(self.sd_pipeline, "pretrained_model", "")),
+            pipeline_class=type(self.sd_pipeline.sd_pipeline).__name__,  # the diffusers class that loads the LoRA
             repo_id=repo_id,
             prompt_dataset=self.config.prompt_dataset or None,
             training_config={**training_config, "lora_rank": getattr(self.sd_pipeline, "lora_rank", None)},

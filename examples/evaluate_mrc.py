@@ -13,8 +13,7 @@ so the two models differ only by their weights. Both are scored with the same `M
 
 With the LPIPS metric MRC is a distance (lower: more consistent); with `psnr` it is higher for more consistent views.
 
-    python examples/evaluate_mrc.py --pretrained_model outputs/tiny-carve3d/base-model \
-        --lora outputs/tiny-carve3d/lora --prompt_dataset examples/prompts/objects.txt \
+    python examples/evaluate_mrc.py --lora outputs/tiny-carve3d/lora --prompt_dataset examples/prompts/toy_scenes.txt \
         --num_seeds 2 --num_inference_steps 10 --output_dir outputs/tiny-carve3d/eval
 
 `examples/curate_prompts.py` reuses this file's argument groups and its sampling and scoring functions.
@@ -42,6 +41,7 @@ from carve3d_trl.image_logging import tile_renders_like
 from carve3d_trl.pipelines import LORA_WEIGHT_NAME
 from carve3d_trl.rewards import MRCReward
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
+from carve3d_trl.toy import toy_model_path
 
 logger = logging.getLogger("evaluate_mrc")
 EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "objects.txt"
@@ -50,8 +50,15 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class ModelArguments:
-    pretrained_model: str = field(metadata={"help": "Base multi-view model: Hub model id or local diffusers folder."})
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "Base multi-view model: Hub model id or local diffusers folder. Empty: the toy model."},
+    )
     pretrained_revision: str = field(default="main", metadata={"help": "Revision of a Hub base model."})
+
+    def __post_init__(self):
+        if not self.pretrained_model:
+            self.pretrained_model = str(toy_model_path("short"))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,8 @@ from ..rays import camera_rays, intersect_box, project_points
 
 __all__ = ["RadianceFieldReconstructor", "flush_denormal"]
 
-_CHANNELS = 4  # density + RGB, summed over the three planes
+_CHANNELS = 4  # density + RGB (for a triplane, summed over the three planes)
+REPRESENTATIONS = ("grid", "triplane")
 _DENSITY_OFFSET = -1.0  # softplus(-1) * _DENSITY_SCALE ~ 6 per unit length: a mostly opaque start in the hull
 _DENSITY_SCALE = 20.0
 _PRESCAN_SAMPLES = 32
@@ -63,7 +64,7 @@ class _Rays:
     pixel: torch.Tensor  # (K,) flat pixel index of each ray
     delta: torch.Tensor  # (K,) distance between consecutive samples
     hull: torch.Tensor  # (K, S, G) 1 where the point lies in the visual hull of group g, else 0
-    matrix: torch.Tensor  # (K * S, blocks * 3 * r^2) CSR interpolation matrix of the triplanes
+    matrix: torch.Tensor  # (K * S, blocks * cells) CSR interpolation matrix of the feature cells
     matrix_t: torch.Tensor  # its transpose, CSR
 
 
@@ -106,7 +107,9 @@ class RadianceFieldReconstructor:
         held_out_views: int | None = None,
         fit_size: int = 32,
         render_size: int | None = None,
-        plane_resolution: int = 32,
+        representation: str = "grid",
+        resolution: int = 32,
+        plane_resolution: int | None = None,
         samples_per_ray: int = 24,
         steps: int = 100,
         learning_rate: float = 0.1,
@@ -115,7 +118,10 @@ class RadianceFieldReconstructor:
         bound: float = 1.0,
         init_std: float = 0.01,
         seed: int = 0,
+        density_tv_weight: float | None = None,
     ):
+        if representation not in REPRESENTATIONS:
+            raise ValueError(f"Unknown representation {representation!r}; valid: 'grid', 'triplane'.")
         if protocol not in ("held_out", "same_view"):
             raise ValueError(f"Unknown protocol {protocol!r}; valid protocols: 'held_out', 'same_view'.")
         if held_out_views is not None and (protocol != "held_out" or held_out_views < 1):
@@ -124,11 +130,13 @@ class RadianceFieldReconstructor:
         self.held_out_views = held_out_views
         self.fit_size = fit_size
         self.render_size = render_size
-        self.plane_resolution = plane_resolution
+        self.representation = representation
+        self.resolution = resolution if plane_resolution is None else plane_resolution
         self.samples_per_ray = samples_per_ray
         self.steps = steps
         self.learning_rate = learning_rate
         self.tv_weight = tv_weight
+        self.density_tv_weight = tv_weight if density_tv_weight is None else density_tv_weight
         self.sparsity_weight = sparsity_weight
         self.bound = bound
         self.init_std = init_std
@@ -184,6 +192,11 @@ class RadianceFieldReconstructor:
         render_field.scatter_(1, held, torch.arange(count).expand(batch, -1))
         return uses, render_field
 
+    def _cells(self) -> int:
+        """Feature cells of one field: `r^3` voxels, or `3 r^2` plane texels."""
+        res = self.resolution
+        return res**3 if self.representation == "grid" else 3 * res * res
+
     def _fit(self, targets, candidates, masks, uses, cameras, background, generator) -> torch.Tensor:
         batch, num_views, _, fit_h, fit_w = targets.shape
         groups = uses.shape[1]
@@ -196,23 +209,73 @@ class RadianceFieldReconstructor:
         pixel_norm = 1.0 / (3 * fit_h * fit_w * uses.sum(dim=2).clamp_min(1)).float()  # (B, G)
         sample_norm = pixel_norm * 3 / self.samples_per_ray
 
-        res = self.plane_resolution
-        noise = torch.randn(3 * res * res, 1, _CHANNELS, generator=generator) * self.init_std
-        planes = noise.to(targets.device).repeat(batch, groups, 1).reshape(batch * 3 * res * res, groups * _CHANNELS)
-        planes.requires_grad_(True)
-        optimizer = torch.optim.Adam([planes], lr=self.learning_rate, betas=(0.9, 0.99))
+        res, cells = self.resolution, self._cells()
+        init = (torch.randn(cells, _CHANNELS, generator=generator) * self.init_std).to(targets.device)
+        if self.representation == "grid":
+            # Only the voxels the rays touch are optimised (a compact copy); the others keep their initial values.
+            active, rays, pairs = self._compact(rays, batch)
+            features = init[active % cells]
+        else:
+            features = init.repeat(batch, 1)
+        features = features[:, None].repeat(1, groups, 1).reshape(-1, groups * _CHANNELS).requires_grad_(True)
+        optimizer = torch.optim.Adam([features], lr=self.learning_rate, betas=(0.9, 0.99))
+        tv_channel = torch.tensor([self.density_tv_weight] + [self.tv_weight] * 3, device=targets.device)
         for _ in range(self.steps):
-            color, alpha = self._composite(planes, rays, background)
+            color, alpha = self._composite(features, rays, background)
             error = (color - colors[:, None]).square().sum(-1) * in_loss  # (K, G)
             loss = (error * pixel_norm[rays.block]).sum()
             loss = loss + self.sparsity_weight * (alpha.sum(1) * in_loss * sample_norm[rays.block]).sum()
-            grid = planes.view(batch, 3, res, res, groups, _CHANNELS)
-            tv = grid.diff(dim=2).square().mean(dim=(1, 2, 3, 5)) + grid.diff(dim=3).square().mean(dim=(1, 2, 3, 5))
-            loss = loss + self.tv_weight * tv.sum()
+            if self.representation == "grid":
+                # Sum over fields of each field's mean squared difference of neighbouring voxels (as on a dense
+                # grid, the pairs with an untouched voxel left out).
+                diff = (features[pairs[0]] - features[pairs[1]]).square().view(-1, groups, _CHANNELS).sum(dim=(0, 1))
+                tv = (diff * tv_channel).sum() / (res * res * (res - 1) * _CHANNELS)
+            else:
+                grid = features.view(batch, 3, res, res, groups, _CHANNELS)
+                tv = grid.diff(dim=2).square().mean(dim=(1, 2, 3, 5)) + grid.diff(dim=3).square().mean(
+                    dim=(1, 2, 3, 5)
+                )
+                tv = self.tv_weight * tv.sum()
+            loss = loss + tv
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return planes.detach().view(batch, 3 * res * res, groups, _CHANNELS)
+        features = features.detach().view(-1, groups, _CHANNELS)
+        if self.representation == "grid":
+            dense = init[None, :, None].repeat(batch, 1, groups, 1).view(batch * cells, groups, _CHANNELS)
+            dense[active] = features
+            features = dense
+        return features.view(batch, cells, groups, _CHANNELS)
+
+    def _compact(self, rays: _Rays, blocks: int) -> tuple[torch.Tensor, _Rays, torch.Tensor]:
+        """Restrict the rays' interpolation matrix to the voxels it touches.
+
+        Returns:
+            `active`, the touched voxels `(n,)` as indices into `blocks * r^3`; the rays with matrices over the `n`
+            active voxels; `pairs` `(2, P)`, the compact indices of the active neighbours along each axis.
+        """
+        res, cells = self.resolution, self._cells()
+        columns = rays.matrix.col_indices()
+        active = columns.unique()
+        compact = torch.full((blocks * cells,), -1, dtype=torch.long, device=columns.device)
+        compact[active] = torch.arange(active.numel(), device=columns.device)
+        size = (rays.matrix.shape[0], active.numel())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            matrix = torch.sparse_csr_tensor(
+                rays.matrix.crow_indices(), compact[columns], rays.matrix.values(), size=size, check_invariants=False
+            )
+            matrix_t = matrix.t().to_sparse_csr()
+        cell = active % cells
+        first, second = [], []
+        for stride, coordinate in ((res * res, cell // (res * res)), (res, cell // res % res), (1, cell % res)):
+            inner = coordinate < res - 1
+            neighbour = compact[active[inner] + stride]
+            both = neighbour >= 0
+            first.append(inner.nonzero()[:, 0][both])
+            second.append(neighbour[both])
+        pairs = torch.stack([torch.cat(first), torch.cat(second)])
+        return active, replace(rays, matrix=matrix, matrix_t=matrix_t), pairs
 
     def _render(self, planes, masks, uses, render_field, cameras, background, view_hw) -> torch.Tensor:
         batch, num_views = render_field.shape
@@ -311,26 +374,40 @@ class RadianceFieldReconstructor:
         return (silhouette[:, :, None, :] | ~hull_views).all(dim=-1)
 
     def _interpolation_matrix(self, points: torch.Tensor, block: torch.Tensor, blocks: int):
-        """Bilinear interpolation of the three planes at `points` `(K, S, 3)`, summed: CSR `(K*S, blocks*3*r^2)`."""
-        res = self.plane_resolution
+        """Interpolation of the features at `points` `(K, S, 3)`: CSR `(K*S, blocks*cells)`.
+
+        Trilinear in the voxel grid, or bilinear in each of the three planes of a triplane, summed.
+        """
+        res, cells = self.resolution, self._cells()
         coords = ((points.reshape(-1, 3) / self.bound + 1) * 0.5 * (res - 1)).clamp(0, res - 1 - 1e-4)
         base = coords.floor()
         frac = coords - base
         base = base.long()
         rows = points.shape[0] * points.shape[1]
-        block_offset = block.repeat_interleave(points.shape[1]) * (3 * res * res)
+        block_offset = block.repeat_interleave(points.shape[1]) * cells
         columns, values = [], []
-        for plane, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-            for da in (0, 1):
-                for db in (0, 1):
-                    wa = frac[:, a] if da else 1 - frac[:, a]
-                    wb = frac[:, b] if db else 1 - frac[:, b]
-                    columns.append(block_offset + plane * res * res + (base[:, a] + da) * res + base[:, b] + db)
-                    values.append(wa * wb)
+        if self.representation == "grid":
+            for dx in (0, 1):
+                for dy in (0, 1):
+                    for dz in (0, 1):
+                        wx = frac[:, 0] if dx else 1 - frac[:, 0]
+                        wy = frac[:, 1] if dy else 1 - frac[:, 1]
+                        wz = frac[:, 2] if dz else 1 - frac[:, 2]
+                        columns.append(block_offset + ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz)
+                        values.append(wx * wy * wz)
+        else:
+            for plane, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
+                for da in (0, 1):
+                    for db in (0, 1):
+                        wa = frac[:, a] if da else 1 - frac[:, a]
+                        wb = frac[:, b] if db else 1 - frac[:, b]
+                        columns.append(block_offset + plane * res * res + (base[:, a] + da) * res + base[:, b] + db)
+                        values.append(wa * wb)
+        per_row = len(columns)
         columns = torch.stack(columns, dim=1).flatten()
         values = torch.stack(values, dim=1).flatten()
-        crow = torch.arange(0, 12 * rows + 1, 12, device=points.device)
-        size = (rows, blocks * 3 * res * res)
+        crow = torch.arange(0, per_row * rows + 1, per_row, device=points.device)
+        size = (rows, blocks * cells)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             matrix = torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)

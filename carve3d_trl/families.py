@@ -1,0 +1,34 @@
+"""Which DDPO pipeline serves a model: Stable Diffusion 1.x/2.x (`"sd"`) or Stable Diffusion XL (`"sdxl"`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .pipelines import Carve3DStableDiffusionPipeline
+from .pipelines_sdxl import Carve3DStableDiffusionXLPipeline
+
+PIPELINES = {"sd": Carve3DStableDiffusionPipeline, "sdxl": Carve3DStableDiffusionXLPipeline}
+FAMILIES = ("auto", *PIPELINES)
+
+
+def detect_family(pretrained_model_name: str, revision: str = "main") -> str:
+    """`"sdxl"` when the model's `model_index.json` names an SDXL pipeline class or a second text encoder, else
+    `"sd"` (only that file is read: a local folder, or one file from the Hub)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(str(pretrained_model_name), revision=revision)
+    second_encoder = index.get("text_encoder_2") or [None, None]
+    is_sdxl = "StableDiffusionXL" in index.get("_class_name", "") or second_encoder[0] is not None
+    return "sdxl" if is_sdxl else "sd"
+
+
+def load_ddpo_pipeline(
+    pretrained_model_name: str, *, family: str = "auto", pretrained_model_revision: str = "main", **kwargs: Any
+) -> Carve3DStableDiffusionPipeline | Carve3DStableDiffusionXLPipeline:
+    """The Carve3D DDPO pipeline of `family` (`"auto"`: [`detect_family`]) for a model; `kwargs` go to its
+    constructor (`use_lora`, `lora_rank`, ...)."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown pipeline family {family!r}; choose one of {FAMILIES}.")
+    if family == "auto":
+        family = detect_family(pretrained_model_name, pretrained_model_revision)
+    return PIPELINES[family](pretrained_model_name, pretrained_model_revision=pretrained_model_revision, **kwargs)

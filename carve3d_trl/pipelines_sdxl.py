@@ -1,0 +1,150 @@
+"""A DDPO pipeline for Stable Diffusion XL models (e.g. Instant3D-like 2x2 multi-view grids), on TRL's interface."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from trl import DDPOStableDiffusionPipeline
+from trl.models.modeling_sd_base import DDPOPipelineOutput, DDPOSchedulerOutput, scheduler_step
+
+from .conditioning_sdxl import Size, StableDiffusionXLConditioner
+from .export import save_unet_weights
+from .pipelines import DEFAULT_LORA_TARGETS, Carve3DPipelineMixin
+from .sampling import Generators, sample_with_log_probs
+
+
+class Carve3DStableDiffusionXLPipeline(Carve3DPipelineMixin, DDPOStableDiffusionPipeline):
+    """TRL's `DDPOStableDiffusionPipeline` interface for an SDXL model, sampling with DDIM as TRL does for SD.
+
+    `Carve3DTrainer` trains it through the same code path as Stable Diffusion: the pipeline's `conditioner` (a
+    [`StableDiffusionXLConditioner`]) supplies the prompt embeddings, pooled embeddings and size ids for sampling,
+    training and the KL reference. LoRA checkpoints and `save_pretrained` folders are in the diffusers SDXL format
+    (`StableDiffusionXLPipeline.load_lora_weights(folder)`).
+
+    Args:
+        pretrained_model_name (`str`): Hub model id or local diffusers folder of an SDXL model.
+        pretrained_model_revision (`str`): Revision of a Hub model.
+        use_lora (`bool`): Train LoRA adapters (else the whole UNet).
+        lora_rank (`int`): LoRA rank (the Carve3D recipe uses 4).
+        lora_alpha (`int`, *optional*): LoRA alpha; defaults to `lora_rank` (scale 1).
+        lora_target_modules (`tuple[str, ...]`): UNet modules receiving adapters.
+        force_zeros_for_empty_prompt (`bool`, *optional*): Unconditional branch of an empty negative prompt: zeros
+            (SDXL base) or the encoding of `""`; defaults to the model's config.
+        original_size, target_size (`tuple[int, int]`, *optional*): SDXL's size conditioning `(height, width)`;
+            default: the generated image's size (1024x1024 for Instant3D's grid).
+        crops_coords_top_left (`tuple[int, int]`): SDXL's crop conditioning.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name: str,
+        *,
+        pretrained_model_revision: str = "main",
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: int | None = None,
+        lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        force_zeros_for_empty_prompt: bool | None = None,
+        original_size: Size | None = None,
+        target_size: Size | None = None,
+        crops_coords_top_left: Size = (0, 0),
+    ):
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        self._set_lora_options(lora_rank, lora_alpha, lora_target_modules)
+        self.pretrained_model = str(pretrained_model_name)
+        self.pretrained_revision = pretrained_model_revision
+        self.use_lora = use_lora
+        self.sd_pipeline = StableDiffusionXLPipeline.from_pretrained(
+            self.pretrained_model, revision=pretrained_model_revision
+        )
+        self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
+        self.sd_pipeline.vae.requires_grad_(False)
+        self.sd_pipeline.text_encoder.requires_grad_(False)
+        self.sd_pipeline.text_encoder_2.requires_grad_(False)
+        self.sd_pipeline.unet.requires_grad_(not use_lora)
+        self.conditioner = StableDiffusionXLConditioner(
+            self.sd_pipeline,
+            original_size=original_size,
+            target_size=target_size,
+            crops_coords_top_left=crops_coords_top_left,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        )
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | None = None,
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        generator: Generators = None,
+    ) -> DDPOPipelineOutput:
+        """Sample one image per prompt with DDIM, recording latents and log-probabilities.
+
+        Returns:
+            `DDPOPipelineOutput`: `images` `(B, 3, H, W)` in [0, 1], `latents` (`T + 1` tensors `(B, 4, h, w)`) and
+            `log_probs` (`T` tensors `(B,)`).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        conditioning = self.conditioner.encode(prompts)
+        negative = None
+        if guidance_scale > 1.0:
+            negative = self.conditioner.encode_negative(negative_prompt or "", len(prompts))
+        return sample_with_log_probs(
+            self,
+            self.conditioner,
+            conditioning,
+            negative,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generator,
+        )
+
+    def scheduler_step(self, *args, **kwargs) -> DDPOSchedulerOutput:
+        """TRL's DDIM step with log-probability (`prev_sample=` scores a given `x_{t-1}`)."""
+        return scheduler_step(self.sd_pipeline.scheduler, *args, **kwargs)
+
+    @property
+    def unet(self):
+        return self.sd_pipeline.unet
+
+    @property
+    def vae(self):
+        return self.sd_pipeline.vae
+
+    @property
+    def scheduler(self):
+        return self.sd_pipeline.scheduler
+
+    @property
+    def tokenizer(self):
+        return self.sd_pipeline.tokenizer
+
+    @property
+    def tokenizer_2(self):
+        return self.sd_pipeline.tokenizer_2
+
+    @property
+    def text_encoder(self):
+        return self.sd_pipeline.text_encoder
+
+    @property
+    def text_encoder_2(self):
+        return self.sd_pipeline.text_encoder_2
+
+    @property
+    def autocast(self):
+        """No autocast with LoRA (the frozen UNet runs in the inference dtype); the trainer's otherwise."""
+        return contextlib.nullcontext if self.use_lora else None
+
+    def set_progress_bar_config(self, *args, **kwargs) -> None:
+        self.sd_pipeline.set_progress_bar_config(*args, **kwargs)
+
+    def save_pretrained(self, output_dir: str | Path) -> None:
+        """Write the trained weights: the LoRA as `pytorch_lora_weights.safetensors` (diffusers SDXL format), or the
+        full UNet under `unet/`."""
+        save_unet_weights(self, Path(output_dir))
