@@ -44,7 +44,7 @@ from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_
 from carve3d_trl.toy import toy_model_path
 
 logger = logging.getLogger("evaluate_mrc")
-EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "objects.txt"
+EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "toy_scenes.txt"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

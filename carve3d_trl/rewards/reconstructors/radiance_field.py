@@ -107,9 +107,8 @@ class RadianceFieldReconstructor:
         held_out_views: int | None = None,
         fit_size: int = 32,
         render_size: int | None = None,
-        representation: str = "grid",
-        resolution: int = 32,
-        plane_resolution: int | None = None,
+        grid_resolution: int = 32,
+        plane_resolution: int = 0,
         samples_per_ray: int = 24,
         steps: int = 100,
         learning_rate: float = 0.1,
@@ -119,9 +118,10 @@ class RadianceFieldReconstructor:
         init_std: float = 0.01,
         seed: int = 0,
         density_tv_weight: float | None = None,
+        density_offset: float = _DENSITY_OFFSET,
     ):
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"Unknown representation {representation!r}; valid: 'grid', 'triplane'.")
+        if grid_resolution < 2 and plane_resolution < 2:
+            raise ValueError("grid_resolution or plane_resolution must be at least 2.")
         if protocol not in ("held_out", "same_view"):
             raise ValueError(f"Unknown protocol {protocol!r}; valid protocols: 'held_out', 'same_view'.")
         if held_out_views is not None and (protocol != "held_out" or held_out_views < 1):
@@ -130,12 +130,13 @@ class RadianceFieldReconstructor:
         self.held_out_views = held_out_views
         self.fit_size = fit_size
         self.render_size = render_size
-        self.representation = representation
-        self.resolution = resolution if plane_resolution is None else plane_resolution
+        self.grid_resolution = grid_resolution if grid_resolution >= 2 else 0
+        self.plane_resolution = plane_resolution if plane_resolution >= 2 else 0
         self.samples_per_ray = samples_per_ray
         self.steps = steps
         self.learning_rate = learning_rate
         self.tv_weight = tv_weight
+        self.density_offset = density_offset
         self.density_tv_weight = tv_weight if density_tv_weight is None else density_tv_weight
         self.sparsity_weight = sparsity_weight
         self.bound = bound
@@ -193,9 +194,8 @@ class RadianceFieldReconstructor:
         return uses, render_field
 
     def _cells(self) -> int:
-        """Feature cells of one field: `r^3` voxels, or `3 r^2` plane texels."""
-        res = self.resolution
-        return res**3 if self.representation == "grid" else 3 * res * res
+        """Feature cells of one field: `r^3` voxels, then `3 p^2` plane texels."""
+        return self.grid_resolution**3 + 3 * self.plane_resolution**2
 
     def _fit(self, targets, candidates, masks, uses, cameras, background, generator) -> torch.Tensor:
         batch, num_views, _, fit_h, fit_w = targets.shape
@@ -209,14 +209,11 @@ class RadianceFieldReconstructor:
         pixel_norm = 1.0 / (3 * fit_h * fit_w * uses.sum(dim=2).clamp_min(1)).float()  # (B, G)
         sample_norm = pixel_norm * 3 / self.samples_per_ray
 
-        res, cells = self.resolution, self._cells()
+        cells = self._cells()
         init = (torch.randn(cells, _CHANNELS, generator=generator) * self.init_std).to(targets.device)
-        if self.representation == "grid":
-            # Only the voxels the rays touch are optimised (a compact copy); the others keep their initial values.
-            active, rays, pairs = self._compact(rays, batch)
-            features = init[active % cells]
-        else:
-            features = init.repeat(batch, 1)
+        # Only the cells the rays touch are optimised (a compact copy); the others keep their initial values.
+        active, rays, pairs, pair_weight = self._compact(rays, batch)
+        features = init[active % cells]
         features = features[:, None].repeat(1, groups, 1).reshape(-1, groups * _CHANNELS).requires_grad_(True)
         optimizer = torch.optim.Adam([features], lr=self.learning_rate, betas=(0.9, 0.99))
         tv_channel = torch.tensor([self.density_tv_weight] + [self.tv_weight] * 3, device=targets.device)
@@ -225,27 +222,15 @@ class RadianceFieldReconstructor:
             error = (color - colors[:, None]).square().sum(-1) * in_loss  # (K, G)
             loss = (error * pixel_norm[rays.block]).sum()
             loss = loss + self.sparsity_weight * (alpha.sum(1) * in_loss * sample_norm[rays.block]).sum()
-            if self.representation == "grid":
-                # Sum over fields of each field's mean squared difference of neighbouring voxels (as on a dense
-                # grid, the pairs with an untouched voxel left out).
-                diff = (features[pairs[0]] - features[pairs[1]]).square().view(-1, groups, _CHANNELS).sum(dim=(0, 1))
-                tv = (diff * tv_channel).sum() / (res * res * (res - 1) * _CHANNELS)
-            else:
-                grid = features.view(batch, 3, res, res, groups, _CHANNELS)
-                tv = grid.diff(dim=2).square().mean(dim=(1, 2, 3, 5)) + grid.diff(dim=3).square().mean(
-                    dim=(1, 2, 3, 5)
-                )
-                tv = self.tv_weight * tv.sum()
+            diff = (features[pairs[0]] - features[pairs[1]]).square().view(-1, groups, _CHANNELS)
+            tv = ((diff * pair_weight[:, None, None]).sum(dim=(0, 1)) * tv_channel).sum()
             loss = loss + tv
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        features = features.detach().view(-1, groups, _CHANNELS)
-        if self.representation == "grid":
-            dense = init[None, :, None].repeat(batch, 1, groups, 1).view(batch * cells, groups, _CHANNELS)
-            dense[active] = features
-            features = dense
-        return features.view(batch, cells, groups, _CHANNELS)
+        dense = init[None, :, None].repeat(batch, 1, groups, 1).view(batch * cells, groups, _CHANNELS)
+        dense[active] = features.detach().view(-1, groups, _CHANNELS)
+        return dense.view(batch, cells, groups, _CHANNELS)
 
     def _compact(self, rays: _Rays, blocks: int) -> tuple[torch.Tensor, _Rays, torch.Tensor]:
         """Restrict the rays' interpolation matrix to the voxels it touches.
@@ -254,7 +239,7 @@ class RadianceFieldReconstructor:
             `active`, the touched voxels `(n,)` as indices into `blocks * r^3`; the rays with matrices over the `n`
             active voxels; `pairs` `(2, P)`, the compact indices of the active neighbours along each axis.
         """
-        res, cells = self.resolution, self._cells()
+        res, cells = self.grid_resolution, self._cells()
         columns = rays.matrix.col_indices()
         active = columns.unique()
         compact = torch.full((blocks * cells,), -1, dtype=torch.long, device=columns.device)
@@ -267,15 +252,27 @@ class RadianceFieldReconstructor:
             )
             matrix_t = matrix.t().to_sparse_csr()
         cell = active % cells
-        first, second = [], []
-        for stride, coordinate in ((res * res, cell // (res * res)), (res, cell // res % res), (1, cell % res)):
-            inner = coordinate < res - 1
-            neighbour = compact[active[inner] + stride]
+        index = torch.arange(active.numel(), device=columns.device)
+        first, second, weight = [], [], []
+
+        def add(selected, stride, norm):
+            neighbour = compact[active[selected] + stride]
             both = neighbour >= 0
-            first.append(inner.nonzero()[:, 0][both])
+            first.append(index[selected][both])
             second.append(neighbour[both])
+            weight.append(torch.full((int(both.sum()),), 1.0 / norm, device=columns.device))
+
+        in_grid = cell < res**3
+        if res:
+            for stride, coordinate in ((res * res, cell // (res * res)), (res, cell // res % res), (1, cell % res)):
+                add(in_grid & (coordinate < res - 1), stride, res * res * (res - 1) * _CHANNELS)
+        pres = self.plane_resolution
+        if pres:
+            texel = cell - res**3
+            for stride, coordinate in ((pres, texel // pres % pres), (1, texel % pres)):
+                add(~in_grid & (coordinate < pres - 1), stride, 3 * pres * (pres - 1) * _CHANNELS)
         pairs = torch.stack([torch.cat(first), torch.cat(second)])
-        return active, replace(rays, matrix=matrix, matrix_t=matrix_t), pairs
+        return active, replace(rays, matrix=matrix, matrix_t=matrix_t), pairs, torch.cat(weight)
 
     def _render(self, planes, masks, uses, render_field, cameras, background, view_hw) -> torch.Tensor:
         batch, num_views = render_field.shape
@@ -308,7 +305,7 @@ class RadianceFieldReconstructor:
         """Colours `(K, G, 3)` and sample opacities `(K, S, G)` of the rays for planes `(blocks * 3r^2, G * C)`."""
         num_rays, samples, groups = rays.hull.shape
         features = _SparseMatmul.apply(rays.matrix, rays.matrix_t, planes).view(num_rays, samples, groups, _CHANNELS)
-        sigma = _DENSITY_SCALE * F.softplus(features[..., 0] + _DENSITY_OFFSET) * rays.hull
+        sigma = _DENSITY_SCALE * F.softplus(features[..., 0] + self.density_offset) * rays.hull
         rgb = torch.sigmoid(features[..., 1:])
         tau = sigma * rays.delta[:, None, None]
         transmittance = torch.exp(tau - tau.cumsum(dim=1))
@@ -378,24 +375,34 @@ class RadianceFieldReconstructor:
 
         Trilinear in the voxel grid, or bilinear in each of the three planes of a triplane, summed.
         """
-        res, cells = self.resolution, self._cells()
-        coords = ((points.reshape(-1, 3) / self.bound + 1) * 0.5 * (res - 1)).clamp(0, res - 1 - 1e-4)
-        base = coords.floor()
-        frac = coords - base
-        base = base.long()
+        cells = self._cells()
         rows = points.shape[0] * points.shape[1]
         block_offset = block.repeat_interleave(points.shape[1]) * cells
         columns, values = [], []
-        if self.representation == "grid":
+        unit = (points.reshape(-1, 3) / self.bound + 1) * 0.5
+        if self.grid_resolution:
+            res = self.grid_resolution
+            coords = (unit * (res - 1)).clamp(0, res - 1 - 1e-4)
+            base = coords.floor()
+            frac = coords - base
+            base = base.long()
             for dx in (0, 1):
                 for dy in (0, 1):
                     for dz in (0, 1):
                         wx = frac[:, 0] if dx else 1 - frac[:, 0]
                         wy = frac[:, 1] if dy else 1 - frac[:, 1]
                         wz = frac[:, 2] if dz else 1 - frac[:, 2]
-                        columns.append(block_offset + ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz)
+                        columns.append(
+                            block_offset + ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz
+                        )
                         values.append(wx * wy * wz)
-        else:
+        if self.plane_resolution:
+            res = self.plane_resolution
+            coords = (unit * (res - 1)).clamp(0, res - 1 - 1e-4)
+            base = coords.floor()
+            frac = coords - base
+            base = base.long()
+            block_offset = block_offset + self.grid_resolution**3
             for plane, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
                 for da in (0, 1):
                     for db in (0, 1):

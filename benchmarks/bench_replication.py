@@ -1,0 +1,459 @@
+"""Miniature replication of Carve3D's claims (issue 7) with the toy model, on CPU.
+
+1. RL fine-tuning of the short-SFT toy model with the MRC reward improves validation MRC over the base model.
+2. With the KL penalty, the KL to the base model is lower than without it, at a comparable MRC gain.
+3. Against the longer-SFT checkpoint: MRC, and diversity (mean pairwise pixel distance between the samples of one
+   prompt), i.e. the distribution-shift trade-off.
+
+Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on `--train-prompts` captions with
+`MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with 50 steps to fit the CPU
+budget: `--reconstructor-kwargs`; the same reward scores the evaluation): one with the KL penalty (the recipe's
+in-reward KL, `--kl-coeff`), one without (`kl_penalty=False`, the KL still logged). Then five sources are
+evaluated on `--val-prompts` other captions x `--eval-seeds` seeds, each (prompt, seed) starting from the same noise:
+the renders of the scenes themselves (data), the short-SFT base, both RL models and the long-SFT checkpoint. Per
+sample: MRC, and the KL to the base model (mean over the DDIM steps of log p_model - log p_base of the model's own
+transitions, the trainer's estimator; for the long-SFT model, its own text encoder and UNet against the base's).
+Per prompt: diversity. Writes a JSON of every value and PNG figures; prints a markdown table.
+
+The pretrained LPIPS (AlexNet) trunk cannot be downloaded here, so MRC uses `--metric psnr` by default (dB, higher
+is more consistent; `lpips` needs the weights on disk). Every process uses one torch thread.
+
+Usage: `OMP_NUM_THREADS=1 python benchmarks/bench_replication.py [--epochs 50] [--out benchmarks/results/replication]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SOURCES = ("data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT")
+# The built-in reconstructor (default `held_out` protocol) fitted at 16 px with 50 steps: 0.3-0.7 s per sample here
+# instead of 2-7 s at its defaults (the cost grows with the foreground, and noisy backgrounds are all foreground).
+CHEAP_RECONSTRUCTOR = {"fit_size": 16, "grid_resolution": 16, "samples_per_ray": 16, "steps": 50}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=50, help="RL epochs per run (the first only fills statistics).")
+    parser.add_argument("--train-prompts", type=int, default=4, help="Training captions.")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="Samples of each training caption/epoch.")
+    parser.add_argument("--val-prompts", type=int, default=12, help="Validation captions (none is a training one).")
+    parser.add_argument("--eval-seeds", type=int, default=4, help="Samples per validation caption.")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps (eta 1, as in DDPO), training and eval.")
+    parser.add_argument("--guidance", type=float, default=5.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="LoRA learning rate.")
+    parser.add_argument("--kl-coeff", type=float, default=0.2, help="kl_normalized_coeff of the KL run.")
+    parser.add_argument("--metric", default="psnr", choices=("psnr", "mse", "lpips"), help="MRC's image metric.")
+    parser.add_argument(
+        "--reconstructor-kwargs",
+        default=json.dumps(CHEAP_RECONSTRUCTOR),
+        help="JSON arguments of the built-in reconstructor ('{}': its defaults, 3-10x slower).",
+    )
+    parser.add_argument(
+        "--check-reconstructor-kwargs",
+        default="{}",
+        help="JSON arguments of a second built-in reconstructor that rescores every evaluation sample, to check that "
+        "the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the runs and of the evaluation noise.")
+    parser.add_argument("--out", type=Path, default=RESULTS / "replication", help="Prefix of the .json and .png.")
+    args = parser.parse_args(argv)
+    if min(args.epochs, args.train_prompts, args.samples_per_prompt, args.val_prompts, args.steps) < 1:
+        parser.error("--epochs, --train-prompts, --samples-per-prompt, --val-prompts and --steps must be >= 1.")
+    if args.eval_seeds < 2:
+        parser.error("--eval-seeds must be >= 2 (diversity compares samples of one prompt).")
+    return args
+
+
+def quiet() -> None:
+    """One torch thread, and no deprecation or progress chatter from the libraries."""
+    import diffusers
+    import transformers
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def split_scenes(num_train: int, num_val: int, seed: int) -> tuple[list, list]:
+    """Random scenes with distinct captions: `num_train` for training, `num_val` others for validation."""
+    from carve3d_trl.toy.data import random_scene
+
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    scenes: dict[str, Any] = {}
+    while len(scenes) < num_train + num_val:
+        scene = random_scene(generator)
+        scenes.setdefault(scene.caption, scene)
+    ordered = list(scenes.values())
+    return ordered[:num_train], ordered[num_train:]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Denoiser:
+    """A UNet and text encoder of a pipeline; `adapters` switches its LoRA on or off (`None`: it has none)."""
+
+    pipeline: Any
+    adapters: bool | None = None
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.pipeline.tokenizer
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.pipeline.text_encoder(ids)[0]
+
+    def noise(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, guidance: float):
+        """Classifier-free-guided noise prediction; `embeds` holds the unconditional half first."""
+        unet = self.pipeline.unet
+        if self.adapters is not None:
+            unet.enable_adapters() if self.adapters else unet.disable_adapters()
+        uncond, cond = unet(torch.cat([latents, latents]), timestep, embeds).sample.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_with_kl(
+    policy: Denoiser, reference: Denoiser | None, prompts: list[str], seeds: list[int], args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample grids `(B, 3, H, W)` with DDIM (eta 1) from `policy`, and the KL estimate `(B,)` to `reference`.
+
+    Sample i's initial latent and step noise come from a generator seeded with `seeds[i]`, so every model starts
+    (prompt, seed) from the same noise. KL = mean over steps of log p_policy - log p_reference of the policy's own
+    transitions (0 without a reference).
+    """
+    from trl.models.modeling_sd_base import scheduler_step
+
+    pipe = policy.pipeline
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(args.steps)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
+
+    def embeddings(denoiser: Denoiser) -> torch.Tensor:
+        return torch.cat([denoiser.embed([""] * len(prompts)), denoiser.embed(prompts)])
+
+    policy_embeds = embeddings(policy)
+    reference_embeds = embeddings(reference) if reference is not None else None
+    kl = torch.zeros(len(prompts))
+    for timestep in scheduler.timesteps:
+        noise = policy.noise(latents, timestep, policy_embeds, args.guidance)
+        step = scheduler_step(scheduler, noise, timestep, latents, eta=1.0, generator=generators)
+        if reference is not None:
+            ref_noise = reference.noise(latents, timestep, reference_embeds, args.guidance)
+            ref = scheduler_step(scheduler, ref_noise, timestep, latents, eta=1.0, prev_sample=step.latents)
+            kl += (step.log_probs - ref.log_probs) / len(scheduler.timesteps)
+        latents = step.latents
+    if policy.adapters is not None:
+        pipe.unet.enable_adapters()
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1), kl
+
+
+def diversity(images: torch.Tensor) -> float:
+    """Mean pairwise RMS pixel distance between images `(S, 3, H, W)` in [0, 1] (samples of one prompt)."""
+    return statistics.mean(float((a - b).pow(2).mean().sqrt()) for a, b in combinations(images, 2))
+
+
+def data_samples(scenes: list, seeds: list[int]) -> torch.Tensor:
+    """Renders of each validation scene at seed-dependent yaw and sizes: the data distribution of its caption."""
+    from dataclasses import replace
+
+    from carve3d_trl.toy.data import render_scenes
+
+    varied = []
+    for scene in scenes:
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(seed)
+            yaw, top, bottom = (float(x) for x in torch.rand(3, generator=generator))
+            varied.append(
+                replace(
+                    scene,
+                    yaw=360.0 * yaw,
+                    top=replace(scene.top, size=0.8 + 0.4 * top),
+                    bottom=scene.bottom and replace(scene.bottom, size=0.8 + 0.4 * bottom),
+                )
+            )
+    return render_scenes(varied)
+
+
+def evaluate(images: torch.Tensor, kl: torch.Tensor, rewards: dict, num_prompts: int, num_seeds: int) -> dict:
+    """Per sample `(prompt, seed)` the MRC of each of `rewards` (named by its key) and the KL, per prompt the
+    diversity, and the grids of the first seed."""
+    scores = {
+        key: torch.cat([reward(images[i : i + 8])[1]["mrc"] for i in range(0, len(images), 8)])
+        for key, reward in rewards.items()
+    }
+    grids = images.view(num_prompts, num_seeds, *images.shape[1:])
+    return {
+        **{key: mrc.view(num_prompts, num_seeds).tolist() for key, mrc in scores.items()},
+        "kl": kl.view(num_prompts, num_seeds).tolist(),
+        "diversity": [diversity(g) for g in grids],
+        "first_seed_grids": grids[:, 0],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- RL runs
+
+
+def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workdir: Path):
+    """Fine-tune LoRA adapters of the short-SFT model with Carve3D; returns the trainer (its pipeline and history)."""
+    from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+    from carve3d_trl.toy import toy_model_path
+
+    prompt_file = workdir / "train_prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    samples = len(prompts) * args.samples_per_prompt
+    batch = max(b for b in range(1, 9) if samples % b == 0)
+    config = Carve3DConfig(
+        prompt_dataset=str(prompt_file),
+        num_epochs=args.epochs,
+        sample_num_steps=args.steps,
+        sample_guidance_scale=args.guidance,
+        sample_batch_size=batch,
+        sample_num_batches_per_epoch=samples // batch,
+        train_batch_size=batch,
+        train_learning_rate=args.learning_rate,
+        per_prompt_stat_tracking_min_count=args.samples_per_prompt,
+        per_prompt_stat_tracking_buffer_size=3 * args.samples_per_prompt,
+        kl_penalty=kl,
+        kl_log=True,
+        kl_normalized_coeff=args.kl_coeff,
+        mixed_precision="no",
+        log_with=None,
+        save_freq=10**9,
+        logdir=str(workdir / ("kl" if kl else "no_kl")),
+        seed=args.seed,
+    )
+    pipeline = Carve3DStableDiffusionPipeline(str(toy_model_path("short")), lora_rank=4)
+    trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline)
+    trainer.sd_pipeline.set_progress_bar_config(disable=True)
+    trainer.train()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def summary(results: dict[str, dict[str, Any]], higher_is_better: bool) -> dict[str, dict[str, float]]:
+    """Mean and std over (prompt, seed) of MRC (`mrc`, and `mrc_check` when present) and KL, over prompts of
+    diversity; the paired MRC change to the base (sample by sample, same noise), signed so that a positive change is
+    more consistent, and the fraction of samples it improves."""
+    sign = 1.0 if higher_is_better else -1.0
+    base = results["base (short SFT)"]
+    keys = [key for key in ("mrc", "mrc_check") if key in base]
+    out = {}
+    for name, r in results.items():
+        kl, div = np.array(r["kl"]), np.array(r["diversity"])
+        out[name] = {}
+        for key in keys:
+            mrc = np.array(r[key])
+            change = sign * (mrc - np.array(base[key]))
+            out[name].update(
+                {
+                    f"{key}_mean": float(mrc.mean()),
+                    f"{key}_std": float(mrc.std()),
+                    f"{key}_change_mean": float(change.mean()),
+                    f"{key}_change_sem": float(change.std(ddof=1) / np.sqrt(change.size)),
+                    f"{key}_improved_fraction": float(np.mean(change > 0)),
+                }
+            )
+        out[name].update(
+            {
+                "kl_mean": float(kl.mean()),
+                "kl_std": float(kl.std()),
+                "diversity_mean": float(div.mean()),
+                "diversity_std": float(div.std()),
+            }
+        )
+    return out
+
+
+def markdown_table(stats: dict[str, dict[str, float]], higher_is_better: bool) -> str:
+    arrow = "higher" if higher_is_better else "lower"
+    keys = [key for key in ("mrc", "mrc_check") if f"{key}_mean" in next(iter(stats.values()))]
+    titles = {"mrc": "MRC", "mrc_check": "MRC, check reconstructor"}
+    header = [f"{titles[k]} ({arrow} is better) | gain vs base (paired, ± s.e.) | samples improved" for k in keys]
+    lines = [f"| source | {' | '.join(header)} | KL to base | diversity |", "|---" * (3 * len(keys) + 3) + "|"]
+    for name, s in stats.items():
+        cells = [
+            f"{s[f'{k}_mean']:.3f} ± {s[f'{k}_std']:.3f} | {s[f'{k}_change_mean']:+.3f} ± {s[f'{k}_change_sem']:.3f} "
+            f"| {s[f'{k}_improved_fraction']:.0%}"
+            for k in keys
+        ]
+        kl = "-" if name == "data" else f"{s['kl_mean']:.5f} ± {s['kl_std']:.5f}"
+        lines.append(f"| {name} | {' | '.join(cells)} | {kl} | {s['diversity_mean']:.4f} ± {s['diversity_std']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(results, histories, stats, prompts: list[str], metric: str, out: Path) -> None:
+    """`<out>_curves.png` (training MRC and KL per epoch), `<out>_summary.png` (`plot_summary`) and
+    `<out>_samples.png` (the first seed's grids of the first validation prompts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        axes[0].plot(epochs, [h["mrc_mean"] for h in history], marker=".", label=name)
+        axes[1].plot(epochs, [h.get("kl_mean", np.nan) for h in history], marker=".", label=name)
+    axes[0].set(xlabel="epoch", ylabel=f"training MRC ({metric})", title="MRC of each epoch's samples")
+    axes[1].set(xlabel="epoch", ylabel="KL to base", title="KL of each epoch's samples")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(f"{out}_curves.png", dpi=110)
+    plt.close(fig)
+
+    plot_summary(stats, metric, Path(f"{out}_summary.png"))
+
+    names = list(stats)
+    shown = min(4, len(prompts))
+    fig, axes = plt.subplots(shown, len(names), figsize=(2.2 * len(names), 2.3 * shown), squeeze=False)
+    for row in range(shown):
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            ax.imshow(results[name]["first_seed_grids"][row].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(prompts[row], fontsize=7, wrap=True)
+    fig.tight_layout()
+    fig.savefig(f"{out}_samples.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_summary(stats: dict[str, dict[str, float]], metric: str, path: Path) -> None:
+    """Validation MRC (mean ± std), KL to the base (log scale) and diversity of each source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    mean, std = ([stats[n][f"mrc_{m}"] for n in names] for m in ("mean", "std"))
+    axes[0].errorbar(range(len(names)), mean, yerr=std, fmt="o", capsize=4)
+    axes[0].set_title(f"validation MRC ({metric}), mean ± std")
+    with_kl = [n for n in names if stats[n]["kl_mean"] > 0]
+    axes[1].bar(range(len(with_kl)), [stats[n]["kl_mean"] for n in with_kl])
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(range(len(with_kl)), with_kl, rotation=25, ha="right")
+    axes[1].set_title("KL to the base model (log scale)")
+    mean, std = ([stats[n][f"diversity_{m}"] for n in names] for m in ("mean", "std"))
+    axes[2].bar(range(len(names)), mean, yerr=std, capsize=4)
+    axes[2].set_title("diversity: mean pairwise pixel RMS per prompt")
+    for ax in (axes[0], axes[2]):
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    quiet()
+    from diffusers import StableDiffusionPipeline
+
+    from carve3d_trl.rewards import MRCReward, instant3d_layout
+    from carve3d_trl.toy import toy_model_path
+
+    start = time.time()
+    timings: dict[str, float] = {}
+    train_scenes, val_scenes = split_scenes(args.train_prompts, args.val_prompts, args.seed)
+    train_prompts = [s.caption for s in train_scenes]
+    val_prompts = [s.caption for s in val_scenes]
+
+    def make_reward(kwargs_json: str) -> MRCReward:
+        kwargs = json.loads(kwargs_json) or None
+        return MRCReward(instant3d_layout(), metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
+
+    reward = make_reward(args.reconstructor_kwargs)
+    scorers = {"mrc": reward}
+    if args.check_reconstructor_kwargs != "none":
+        scorers["mrc_check"] = make_reward(args.check_reconstructor_kwargs)
+    seeds = [args.seed * 1000 + s for s in range(args.eval_seeds)]
+    prompts = [p for p in val_prompts for _ in seeds]
+    sample_seeds = [1000 * i + s for i in range(len(val_prompts)) for s in seeds]
+    num = (len(val_prompts), len(seeds))
+    results: dict[str, dict[str, Any]] = {}
+
+    results["data"] = evaluate(data_samples(val_scenes, seeds), torch.zeros(len(prompts)), scorers, *num)
+    base = StableDiffusionPipeline.from_pretrained(toy_model_path("short"), torch_dtype=torch.float32)
+    long = StableDiffusionPipeline.from_pretrained(toy_model_path("long"), torch_dtype=torch.float32)
+    images, kl = sample_with_kl(Denoiser(base), None, prompts, sample_seeds, args)
+    results["base (short SFT)"] = evaluate(images, kl, scorers, *num)
+    images, kl = sample_with_kl(Denoiser(long), Denoiser(base), prompts, sample_seeds, args)
+    results["long SFT"] = evaluate(images, kl, scorers, *num)
+    timings["evaluate data, base, long"] = time.time() - start
+
+    histories = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, use_kl in (("RL + KL", True), ("RL, no KL", False)):
+            run_start = time.time()
+            trainer = rl_run(args, train_prompts, use_kl, make_reward(args.reconstructor_kwargs), Path(tmp))
+            histories[name] = trainer.history
+            timings[f"train {name}"] = time.time() - run_start
+            pipe = trainer.sd_pipeline.sd_pipeline
+            pipe.unet.eval()
+            images, kl = sample_with_kl(Denoiser(pipe, True), Denoiser(pipe, False), prompts, sample_seeds, args)
+            results[name] = evaluate(images, kl, scorers, *num)
+            timings[f"evaluate {name}"] = time.time() - run_start - timings[f"train {name}"]
+    results = {name: results[name] for name in SOURCES}
+    higher = reward.metric.higher_is_better
+    stats = summary(results, higher)
+    timings["total"] = time.time() - start
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, histories, stats, val_prompts, args.metric, args.out)
+    report = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "train_prompts": train_prompts,
+        "val_prompts": val_prompts,
+        "eval_seeds": seeds,
+        "mrc_higher_is_better": higher,
+        "summary": stats,
+        "per_sample": {n: {k: v for k, v in r.items() if k != "first_seed_grids"} for n, r in results.items()},
+        "histories": histories,
+        "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
+    }
+    Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
+    print(markdown_table(stats, higher))
+    print(f"\nTotal {timings['total']:.0f} s; results in {args.out}.json and {args.out}_*.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()

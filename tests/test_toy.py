@@ -1,0 +1,176 @@
+"""The toy multi-view model (issue 7): its synthetic data, the shipped weights, and Carve3D fine-tuning of it."""
+
+import json
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, foreground_mask, instant3d_layout, split_grid
+from carve3d_trl.toy import TOY_VARIANTS, load_toy_pipeline, random_scene, render_scenes, toy_model_path
+from carve3d_trl.toy.data import COLORS, SHAPES, scene_dataset, turned_and_mirrored
+
+ROOT = Path(__file__).resolve().parents[1]
+WHITE = (1.0, 1.0, 1.0)
+LAYOUT = instant3d_layout()
+SOLID = rf"an? (?:(?:striped|checkered) )?(?:{'|'.join(COLORS)}) (?:{'|'.join(SHAPES)})"
+CAPTION = re.compile(rf"{SOLID}(?: (?:on|next to) {SOLID})?")
+CHEAP_RECONSTRUCTOR = {"fit_size": 8, "grid_resolution": 8, "samples_per_ray": 8, "steps": 10}
+
+
+def scene_with(relation: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    scene = random_scene(generator)
+    while scene.relation != relation:
+        scene = random_scene(generator)
+    return scene
+
+
+def test_scene_dataset_is_deterministic_captioned_2x2_grids_on_white():
+    captions, grids = scene_dataset(4, seed=3)
+    again_captions, again = scene_dataset(4, seed=3)
+    other_captions, other = scene_dataset(4, seed=4)
+    assert captions == again_captions and torch.equal(grids, again)
+    assert captions != other_captions and not torch.equal(grids, other)
+    assert grids.shape == (4, 3, 64, 64) and grids.min() >= 0 and grids.max() <= 1
+    assert all(CAPTION.fullmatch(c) for c in captions), captions
+    views = split_grid(grids, LAYOUT)
+    assert torch.equal(views[..., 0, 0], torch.ones(4, 4, 3))  # white corners: the background
+    mask = foreground_mask(views.flatten(0, 1), WHITE)
+    assert mask.flatten(1).float().mean(1).min() > 0.02  # every view shows the scene
+
+
+def test_captions_cover_the_vocabulary_and_relations():
+    generator = torch.Generator().manual_seed(0)
+    captions = [random_scene(generator).caption for _ in range(300)]
+    assert all(CAPTION.fullmatch(c) for c in captions)
+    text = " ".join(captions)
+    for word in [*COLORS, *SHAPES, "striped", "checkered", " on ", " next to ", "an orange"]:
+        assert word in text, word
+    assert "a orange" not in text
+
+
+def test_turning_a_scene_by_90_degrees_shifts_its_views_cyclically():
+    scene = scene_with("next to")  # not symmetric under a quarter turn
+    versions = turned_and_mirrored(render_scenes([scene]))
+    assert versions.shape == (8, 3, 64, 64)
+    for quarter in (1, 2, 3):
+        turned = render_scenes([replace(scene, yaw=scene.yaw + 90 * quarter)])
+        silhouettes = foreground_mask(split_grid(turned, LAYOUT)[0], WHITE)
+        shifted = foreground_mask(split_grid(versions[quarter : quarter + 1], LAYOUT)[0], WHITE)
+        assert torch.equal(silhouettes, shifted)  # the lights stay in the world, so only silhouettes agree exactly
+    mirrored = split_grid(versions[4:5], LAYOUT)[0]
+    original = split_grid(versions[:1], LAYOUT)[0]
+    assert torch.equal(mirrored[0], original[0].flip(-1)) and torch.equal(mirrored[1], original[3].flip(-1))
+
+
+@pytest.mark.parametrize("variant", TOY_VARIANTS)
+def test_shipped_toy_model_loads_offline_and_generates_2x2_grids(variant, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = toy_model_path(variant)
+    assert path.parent == ROOT / "carve3d_trl" / "toy" / "weights"
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 6e6  # a few MB
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["a red cube", "a blue sphere on a green cube"]
+    images = pipe(prompts, num_inference_steps=4, generator=generator, output_type="pt").images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    views = split_grid(images, LAYOUT)
+    # trained on white backgrounds: the view corners are near white, unlike a random model's output
+    assert views[..., :2, :2].mean() > 0.8
+
+
+def test_load_toy_pipeline_and_unknown_variant():
+    pipe = load_toy_pipeline("short")
+    assert pipe.tokenizer.model_max_length == 64 and pipe.unet.config.sample_size == 16
+    with pytest.raises(ValueError, match="valid variants: short, long"):
+        toy_model_path("medium")
+
+
+def test_carve3d_fine_tunes_the_toy_model_with_the_mrc_reward(tmp_path):
+    reward = MRCReward(reconstructor=RadianceFieldReconstructor(**CHEAP_RECONSTRUCTOR, seed=0), metric="psnr")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue sphere on a green cube\n")
+    config = Carve3DConfig(
+        prompt_dataset=str(prompts),
+        sample_num_steps=3,
+        sample_batch_size=4,
+        sample_num_batches_per_epoch=1,
+        train_batch_size=4,
+        mixed_precision="no",
+        log_with=None,
+        logdir=str(tmp_path / "logs"),
+        train_learning_rate=1e-2,
+        per_prompt_stat_tracking_min_count=2,
+        seed=0,
+    )
+    pipeline = Carve3DStableDiffusionPipeline(str(toy_model_path("short")))
+    trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline)
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.trainable_layers])
+    trainer.train(epochs=3)  # the first epoch only fills the per-prompt statistics
+    after = torch.cat([p.detach().flatten() for p in trainer.trainable_layers])
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
+    assert [h["epoch"] for h in trainer.history] == [0, 1, 2]
+    for h in trainer.history:  # PSNR in dB: reward = +MRC
+        assert np.isfinite(h["mrc_mean"]) and 5 < h["mrc_mean"] < 60
+        assert np.isfinite(h["kl_mean"])
+        np.testing.assert_allclose(h["reward_mean"], h["mrc_mean"], rtol=1e-5)
+    assert trainer.history[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the LoRA starts as the base model
+
+
+def test_replication_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_replication
+
+    out = tmp_path / "replication"
+    args = ["--epochs", "2", "--train-prompts", "2", "--samples-per-prompt", "2", "--val-prompts", "2"]
+    args += ["--eval-seeds", "2", "--steps", "2", "--reconstructor-kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
+    args += ["--check-reconstructor-kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
+    report = bench_replication.main([*args, "--out", str(out)])
+    assert json.loads(Path(f"{out}.json").read_text())["summary"] == report["summary"]
+    assert list(report["summary"]) == list(bench_replication.SOURCES)
+    assert not set(report["train_prompts"]) & set(report["val_prompts"])
+    stats = report["summary"]
+    assert stats["base (short SFT)"]["kl_mean"] == 0 and stats["base (short SFT)"]["mrc_change_mean"] == 0
+    assert all(np.isfinite(s["mrc_mean"]) and np.isfinite(s["mrc_check_mean"]) for s in stats.values())
+    assert all(s["diversity_mean"] > 0 for s in stats.values()) and stats["data"]["kl_mean"] == 0
+    assert stats["long SFT"]["kl_mean"] != 0
+    for name in ("RL + KL", "RL, no KL"):
+        assert len(report["histories"][name]) == 2 and "kl_mean" in report["histories"][name][0]
+    for suffix in ("curves", "summary", "samples"):
+        assert Path(f"{out}_{suffix}.png").stat().st_size > 0
+
+
+def test_training_script_is_deterministic_and_writes_short_and_long_checkpoints(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_toy_model
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    tiny = ["--num_scenes", "3", "--vae_steps", "2", "--vae_batch_size", "4", "--batch_size", "4"]
+    tiny += ["--short_steps", "1", "--unet_steps", "2", "--warmup_steps", "1"]
+    for run in ("a", "b"):
+        train_toy_model.main([*tiny, "--output_dir", str(tmp_path / run)])
+
+    def unet(run: str, variant: str) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / run / variant / "unet" / "diffusion_pytorch_model.safetensors")
+
+    for variant in ("short", "long"):
+        first, second = unet("a", variant), unet("b", variant)
+        assert all(torch.equal(first[k], second[k]) for k in first)  # the same seed gives the same weights
+        assert {t.dtype for t in first.values()} == {torch.float16}
+    short, long = unet("a", "short"), unet("a", "long")
+    assert any(not torch.equal(short[k], long[k]) for k in short)  # the long checkpoint trained further
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "long")
+    assert pipe.vae.config.scaling_factor != 0.18215 and pipe.tokenizer.model_max_length == 64
+    assert not list(tmp_path.glob("*/.tmp-*")) and not list(tmp_path.glob("*/*/.tmp-*"))
