@@ -69,10 +69,10 @@ class _Rays:
 
 
 class RadianceFieldReconstructor:
-    """Fits triplane radiance fields to the views (one per sample and held-out view, or one per sample with
-    `"same_view"`) and renders them at the layout's cameras.
+    """Fits radiance fields (a voxel grid by default, or a triplane, or both summed) to the views (one per sample and
+    held-out view, or one per sample with `"same_view"`) and renders them at the layout's cameras.
 
-    Each field is three `r x r` feature planes (density and RGB, summed over the planes) over the cube
+    Each field is an `r^3` voxel grid and/or three `r x r` feature planes (density and RGB, summed) over the cube
     `[-bound, bound]^3`, rendered by emission-absorption volume rendering composited over the layout's background.
     Density is confined to the visual hull of the field's training views (the silhouettes, foreground as in MRC's
     crop rule), so only rays through the silhouettes are traced and the samples of a ray are spread over the part of
@@ -89,11 +89,14 @@ class RadianceFieldReconstructor:
         fit_size (`int`): Longest side, in pixels, of the views as fitted (they are downsampled, antialiased).
         render_size (`int`, *optional*): Longest side of the renders, at most the view size. Default: `fit_size`
             (a field fitted at a low resolution rendered larger is blurry, which MRC would count as inconsistency).
-        plane_resolution (`int`): Side `r` of each feature plane.
+        grid_resolution (`int`): Side of the voxel grid (0: no grid).
+        plane_resolution (`int`): Side of each triplane plane (0: no triplane).
         samples_per_ray (`int`): Samples per ray inside the visual hull.
         steps (`int`): Adam steps.
         learning_rate (`float`): Adam learning rate.
-        tv_weight (`float`): Weight of the total variation of the planes.
+        tv_weight (`float`): Weight of the total variation of the colour features.
+        density_tv_weight (`float`, *optional*): Weight of the total variation of the density; default `tv_weight`.
+        density_offset (`float`): Offset of the density before its softplus (the initial opacity).
         sparsity_weight (`float`): Weight of the mean opacity of the samples.
         bound (`float`): Half side of the reconstructed cube, centred on the world origin.
         init_std (`float`): Standard deviation of the seeded initial plane features.
