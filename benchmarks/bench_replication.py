@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -37,6 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# this script's folder is on sys.path when it runs as `python benchmarks/bench_replication.py`
+from bench_trainer import quiet_and_single_threaded
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT")
@@ -76,24 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_seeds < 2:
         parser.error("--eval-seeds must be >= 2 (diversity compares samples of one prompt).")
     return args
-
-
-def quiet() -> None:
-    """One torch thread, and no deprecation or progress chatter from the libraries."""
-    import diffusers
-    import transformers
-
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-# ---------------------------------------------------------------------------------------------- prompts
 
 
 def split_scenes(num_train: int, num_val: int, seed: int) -> tuple[list, list]:
@@ -383,7 +366,7 @@ def plot_summary(stats: dict[str, dict[str, float]], metric: str, path: Path) ->
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    quiet()
+    quiet_and_single_threaded()
     from diffusers import StableDiffusionPipeline
 
     from carve3d_trl.rewards import MRCReward, instant3d_layout
