@@ -2,11 +2,13 @@
 
 Renders random procedural objects at the camera layout, distorts one view with increasing strength (rotation of the
 object, recolouring, shift/scale, replaced patch), scores every set with MRC, and reports per distortion:
-Spearman's rho between strength and inconsistency (mean over objects; 1 = MRC worsens monotonically), the gap
-between level 0 and the first level, and the seed noise (std of MRC at level 0 across reconstructor seeds).
-Writes a JSON file and a PNG plot per run to --out.
+Spearman's rho between strength and inconsistency (mean over objects; 1 = MRC worsens monotonically; also the lowest
+object's rho), the signed gap between level 0 and the first level (positive: MRC worse at the first level), and the
+seed noise (std of MRC at level 0 across reconstructor seeds). Several metrics, and LPIPS with several random
+trunks, are scored on the same reconstructions (each set is reconstructed once). Writes a JSON file and a PNG plot
+per metric to --out.
 
-    python benchmarks/bench_mrc_validity.py --metric psnr
+    python benchmarks/bench_mrc_validity.py --metric psnr mse
     python benchmarks/bench_mrc_validity.py --metric lpips --lpips-random   # random AlexNet trunk (no weights)
     python benchmarks/bench_mrc_validity.py --metric lpips                  # needs alexnet-owt-7be5be79.pth
 """
@@ -14,6 +16,7 @@ Writes a JSON file and a PNG plot per run to --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,10 +32,27 @@ from carve3d_trl.rewards.synthetic import DISTORTIONS  # noqa: E402
 from carve3d_trl.rewards.validity import ValidityResult, run_validity_study  # noqa: E402
 
 
+class CachedReconstructor:
+    """Reconstructs each distinct batch of views once, so several metrics score the same renders."""
+
+    def __init__(self, inner: RadianceFieldReconstructor):
+        self.inner = inner
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def reconstruct(self, views, layout):
+        key = hashlib.sha1(views.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        if key not in self.cache:
+            self.cache[key] = self.inner.reconstruct(views, layout)
+        return self.cache[key]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metric", choices=["lpips", "mse", "psnr"], default="psnr")
+    parser.add_argument("--metric", nargs="+", choices=["lpips", "mse", "psnr"], default=["psnr"])
     parser.add_argument("--lpips-random", action="store_true", help="LPIPS with a random trunk (meaningless scale)")
+    parser.add_argument(
+        "--lpips-seeds", type=int, nargs="+", default=[0], help="torch seeds of the random LPIPS trunks, one run each"
+    )
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--objects", type=int, default=8)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -41,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--object-seed", type=int, default=0)
     parser.add_argument("--reconstructor-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return parser.parse_args()
 
@@ -62,57 +83,78 @@ def plot(result: ValidityResult, title: str, path: Path) -> None:
     plt.close(figure)
 
 
+def reward_factory(layout, reconstructors, metric: str, trunk: int | None, pretrained: bool):
+    """`make_reward(seed)` for the study; `trunk` seeds a random LPIPS trunk, the same for every reconstructor seed."""
+
+    def make_reward(seed: int) -> MRCReward:
+        if trunk is not None:
+            torch.manual_seed(trunk)
+        return MRCReward(layout, reconstructors[seed], metric=metric, lpips_pretrained=pretrained)
+
+    return make_reward
+
+
 def main() -> None:
     args = parse_args()
     layout = instant3d_layout()
-    metric_name = f"{args.metric}-random-trunk" if args.metric == "lpips" and args.lpips_random else args.metric
-
-    def make_reward(seed: int) -> MRCReward:
-        reconstructor = RadianceFieldReconstructor(args.protocol, seed=seed, **args.reconstructor_kwargs)
-        return MRCReward(layout, reconstructor, metric=args.metric, lpips_pretrained=not args.lpips_random)
-
-    start = time.perf_counter()
-    result = run_validity_study(
-        make_reward,
-        layout,
-        num_objects=args.objects,
-        levels=args.levels,
-        distortions=args.distortions,
-        view_size=args.view_size,
-        seeds=args.seeds,
-        object_seed=args.object_seed,
-    )
-    seconds = time.perf_counter() - start
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"mrc_validity_{metric_name}_{args.protocol}"
-    title = f"MRC ({metric_name}, {args.protocol}) vs strength, {args.objects} objects, {args.view_size}px views"
-    plot(result, title, args.out / f"{stem}.png")
-    summary = {
-        "metric": metric_name,
-        "protocol": args.protocol,
-        "objects": args.objects,
-        "levels": result.levels,
-        "view_size": args.view_size,
-        "seeds": args.seeds,
-        "reconstructor_kwargs": args.reconstructor_kwargs,
-        "spearman": result.spearman,
-        "first_gap": result.first_gap,
-        "seed_std": result.seed_std,
-        "mrc": {kind: values.tolist() for kind, values in result.mrc.items()},
-        "seconds": seconds,
-        "threads": torch.get_num_threads(),
+    reconstructors = {
+        seed: CachedReconstructor(RadianceFieldReconstructor(args.protocol, seed=seed, **args.reconstructor_kwargs))
+        for seed in args.seeds
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    runs = []  # (metric, LPIPS trunk seed or None, name)
+    for metric in args.metric:
+        if metric == "lpips" and args.lpips_random:
+            for trunk in args.lpips_seeds:
+                runs.append((metric, trunk, "lpips-random-trunk" + (f"-seed{trunk}" if trunk else "")))
+        else:
+            runs.append((metric, None, metric))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for metric, trunk, metric_name in runs:
+        start = time.perf_counter()
+        result = run_validity_study(
+            reward_factory(layout, reconstructors, metric, trunk, pretrained=not args.lpips_random),
+            layout,
+            num_objects=args.objects,
+            levels=args.levels,
+            distortions=args.distortions,
+            view_size=args.view_size,
+            seeds=args.seeds,
+            object_seed=args.object_seed,
+        )
+        seconds = time.perf_counter() - start
+        stem = f"mrc_validity_{metric_name}_{args.protocol}{args.tag}"
+        title = f"MRC ({metric_name}, {args.protocol}) vs strength, {args.objects} objects, {args.view_size}px views"
+        plot(result, title, args.out / f"{stem}.png")
+        summary = {
+            "metric": metric_name,
+            "protocol": args.protocol,
+            "objects": args.objects,
+            "object_seed": args.object_seed,
+            "levels": result.levels,
+            "view_size": args.view_size,
+            "seeds": args.seeds,
+            "reconstructor_kwargs": args.reconstructor_kwargs,
+            "spearman": result.spearman,
+            "spearman_per_object": {kind: rhos.tolist() for kind, rhos in result.spearman_per_object.items()},
+            "first_gap": result.first_gap,
+            "seed_std": result.seed_std,
+            "mrc": {kind: values.tolist() for kind, values in result.mrc.items()},
+            "seconds": seconds,
+            "threads": torch.get_num_threads(),
+        }
+        (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
 
-    print(f"metric {metric_name}, protocol {args.protocol}, {args.objects} objects, {seconds:.0f} s")
-    print(f"seed noise (std of MRC at level 0 over seeds {args.seeds}): {result.seed_std:.4g}")
-    print("| distortion | Spearman rho | gap level 0 -> first level | gap / seed noise |")
-    print("|---|---|---|---|")
-    for kind in result.mrc:
-        ratio = result.first_gap[kind] / result.seed_std if result.seed_std > 0 else float("inf")
-        print(f"| {kind} | {result.spearman[kind]:.3f} | {result.first_gap[kind]:.4g} | {ratio:.1f} |")
-    print(f"wrote {args.out / stem}.png and .json")
+        print(f"metric {metric_name}, protocol {args.protocol}, {args.objects} objects, {seconds:.0f} s")
+        print(f"seed noise (std of MRC at level 0 over seeds {args.seeds}): {result.seed_std:.4g}")
+        print("| distortion | Spearman rho | lowest object's rho | gap level 0 -> first level | gap / seed noise |")
+        print("|---|---|---|---|---|")
+        for kind in result.mrc:
+            ratio = result.first_gap[kind] / result.seed_std if result.seed_std > 0 else float("inf")
+            lowest = float(result.spearman_per_object[kind].min())
+            print(
+                f"| {kind} | {result.spearman[kind]:.3f} | {lowest:.2f} | {result.first_gap[kind]:.4g} | {ratio:.1f} |"
+            )
+        print(f"wrote {args.out / stem}.png and .json", flush=True)
 
 
 if __name__ == "__main__":

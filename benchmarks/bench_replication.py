@@ -6,9 +6,9 @@
    prompt), i.e. the distribution-shift trade-off.
 
 Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on `--train-prompts` captions with
-`MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with 50 steps to fit the CPU
-budget: `--reconstructor-kwargs`; the same reward scores the evaluation): one with the KL penalty (the recipe's
-in-reward KL, `--kl-coeff`), one without (`kl_penalty=False`, the KL still logged). Then five sources are
+`MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with 50 steps to fit the CPU budget:
+`--reconstructor-kwargs`; the same reward scores the evaluation, a stronger one rescores it): one with the KL penalty
+(the recipe's in-reward KL, `--kl-coeff`), one without (`kl_penalty=False`, the KL still logged). Then five sources are
 evaluated on `--val-prompts` other captions x `--eval-seeds` seeds, each (prompt, seed) starting from the same noise:
 the renders of the scenes themselves (data), the short-SFT base, both RL models and the long-SFT checkpoint. Per
 sample: MRC, and the KL to the base model (mean over the DDIM steps of log p_model - log p_base of the model's own
@@ -43,7 +43,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT")
 # The built-in reconstructor (default `held_out` protocol) fitted at 16 px with 50 steps: 0.3-0.7 s per sample here
 # instead of 2-7 s at its defaults (the cost grows with the foreground, and noisy backgrounds are all foreground).
-CHEAP_RECONSTRUCTOR = {"fit_size": 16, "grid_resolution": 16, "samples_per_ray": 16, "steps": 50}
+# Both reconstructors keep the opaque start (`density_offset=-1`) that the recorded run used, so it reproduces.
+CHEAP_RECONSTRUCTOR = {"fit_size": 16, "grid_resolution": 16, "samples_per_ray": 16, "steps": 50, "density_offset": -1}
+# A stronger reconstructor that rescores the evaluation: the default grid at 32 px with 24 samples per ray.
+CHECK_RECONSTRUCTOR = {"fit_size": 32, "samples_per_ray": 24, "density_offset": -1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--check-reconstructor-kwargs",
-        default="{}",
+        default=json.dumps(CHECK_RECONSTRUCTOR),
         help="JSON arguments of a second built-in reconstructor that rescores every evaluation sample, to check that "
         "the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
     )

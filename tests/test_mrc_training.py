@@ -8,7 +8,7 @@ from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor
 
 
 def test_two_epochs_with_the_mrc_reward(tiny_model_path, tmp_path):
-    cheap = RadianceFieldReconstructor(fit_size=8, plane_resolution=8, samples_per_ray=8, steps=10, seed=0)
+    cheap = RadianceFieldReconstructor(fit_size=8, grid_resolution=8, samples_per_ray=8, steps=10, seed=0)
     reward = MRCReward(reconstructor=cheap, lpips_pretrained=False, seed=0)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue sphere\n")

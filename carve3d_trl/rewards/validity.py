@@ -41,14 +41,17 @@ class ValidityResult:
         mrc: `{distortion: (objects, levels) tensor}` of MRC values (the metric's own scale).
         spearman: `{distortion: mean over objects of Spearman's rho between strength and inconsistency}`, where
             inconsistency is -reward (so +1 means MRC worsens monotonically with strength for every metric).
+        spearman_per_object: `{distortion: (objects,) tensor of each object's rho}`.
         seed_std: Mean over objects of the std of MRC at level 0 across reconstructor seeds.
-        first_gap: `{distortion: mean over objects of |MRC(first level > 0) - MRC(level 0)|}`.
+        first_gap: `{distortion: mean over objects of how much worse MRC is at the first level > 0 than at level 0}`,
+            in MRC's units and signed: positive when MRC worsens, negative when it improves.
         higher_is_better: Whether larger MRC values mean more consistent views (PSNR).
     """
 
     levels: list[float]
     mrc: dict[str, torch.Tensor] = field(default_factory=dict)
     spearman: dict[str, float] = field(default_factory=dict)
+    spearman_per_object: dict[str, torch.Tensor] = field(default_factory=dict)
     seed_std: float = float("nan")
     first_gap: dict[str, float] = field(default_factory=dict)
     higher_is_better: bool = False
@@ -102,7 +105,9 @@ def run_validity_study(
     for d, kind in enumerate(distortions):
         mrc = torch.cat([base[:, None], per_object[:, d]], dim=1)
         result.mrc[kind] = mrc
-        result.spearman[kind] = sum(spearman(levels, (-sign * row).tolist()) for row in mrc) / num_objects
-        result.first_gap[kind] = float((mrc[:, 1] - mrc[:, 0]).abs().mean())
+        rhos = torch.tensor([spearman(levels, (-sign * row).tolist()) for row in mrc], dtype=torch.float64)
+        result.spearman_per_object[kind] = rhos
+        result.spearman[kind] = float(rhos.mean())
+        result.first_gap[kind] = float((sign * (mrc[:, 0] - mrc[:, 1])).mean())
     result.seed_std = float(torch.stack([i["mrc"] for i in base_info]).std(dim=0).mean()) if len(seeds) > 1 else 0.0
     return result

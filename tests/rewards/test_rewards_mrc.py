@@ -11,7 +11,7 @@ from carve3d_trl.rewards import (
 )
 from carve3d_trl.rewards.synthetic import distort_views, random_object, render_object
 
-FAST = dict(steps=60)
+FAST = dict(fit_size=32, steps=60)
 
 
 class EchoReconstructor:

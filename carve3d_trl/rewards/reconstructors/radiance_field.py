@@ -1,4 +1,4 @@
-"""The built-in reconstructor: triplane radiance fields fitted to the views by differentiable volume rendering."""
+"""The built-in reconstructor: radiance fields (voxel grids) fitted to the views by differentiable volume rendering."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from ..rays import camera_rays, intersect_box, project_points
 
 __all__ = ["RadianceFieldReconstructor", "flush_denormal"]
 
-_CHANNELS = 4  # density + RGB (for a triplane, summed over the three planes)
-REPRESENTATIONS = ("grid", "triplane")
-_DENSITY_OFFSET = -1.0  # softplus(-1) * _DENSITY_SCALE ~ 6 per unit length: a mostly opaque start in the hull
+_CHANNELS = 4  # density + RGB (with a triplane, the planes' features are added to the grid's)
 _DENSITY_SCALE = 20.0
 _PRESCAN_SAMPLES = 32
 
@@ -56,6 +54,15 @@ class _SparseMatmul(torch.autograd.Function):
 
 
 @dataclass
+class _Fields:
+    """Fitted fields of a batch: the touched cells' features; the other cells keep the initial features."""
+
+    init: torch.Tensor  # (cells, C) initial features, shared by every field
+    active: torch.Tensor  # (n,) sorted indices of the touched cells into `blocks * cells`
+    features: torch.Tensor  # (n, G, C) their fitted features, per group
+
+
+@dataclass
 class _Rays:
     """Sample points of a set of rays, each ray belonging to one sample of the batch (its "block")."""
 
@@ -69,16 +76,27 @@ class _Rays:
 
 
 class RadianceFieldReconstructor:
-    """Fits radiance fields (a voxel grid by default, or a triplane, or both summed) to the views (one per sample and
-    held-out view, or one per sample with `"same_view"`) and renders them at the layout's cameras.
+    """Fits radiance fields to the views (one per sample and held-out view, or one per sample with `"same_view"`) and
+    renders them at the layout's cameras.
 
-    Each field is an `r^3` voxel grid and/or three `r x r` feature planes (density and RGB, summed) over the cube
-    `[-bound, bound]^3`, rendered by emission-absorption volume rendering composited over the layout's background.
-    Density is confined to the visual hull of the field's training views (the silhouettes, foreground as in MRC's
-    crop rule), so only rays through the silhouettes are traced and the samples of a ray are spread over the part of
-    it inside the hull. All fields of a batch are fitted at once with Adam on a mean-squared photometric loss plus a
-    total-variation and a density-sparsity term. Fields are independent: a batch gives the same renders as its
-    samples one by one, and the same seed gives the same renders.
+    Each field is a voxel grid of `grid_resolution^3` cells over the cube `[-bound, bound]^3` holding density and RGB
+    features (trilinearly interpolated), optionally plus a triplane of three `plane_resolution^2` feature planes whose
+    bilinearly interpolated features are added; density is `20 * softplus(feature + density_offset)` per unit length
+    and colour is `sigmoid(features)`. Fields are rendered by emission-absorption volume rendering composited over the
+    layout's background. Density is confined to the visual hull of the field's training views (the silhouettes,
+    foreground as in MRC's crop rule), so only rays through the silhouettes are traced and the samples of a ray are
+    spread over the part of it inside the hull. All fields of a batch are fitted at once with Adam on a mean-squared
+    photometric loss plus a total-variation and a density-sparsity term; only the cells the training rays touch are
+    optimised (the others keep their seeded initial features). Fields are independent: a batch gives the same renders
+    as its samples one by one, and the same seed gives the same renders.
+
+    Why a voxel grid with a transparent start by default: a triplane shares each plane's features between all the
+    points along the axis normal to it, so fitting a view also paints the surfaces behind what it sees, which the
+    opposite view shows; with `"held_out"` any change to one view then moves the renders of the other views either
+    way, and MRC stops worsening monotonically with the inconsistency of one view. An opaque start
+    (`density_offset=-1`) leaves density in the empty parts of the visual hull and blurs the held-out renders. See
+    `benchmarks/RESULTS.md` ("MRC reward"). The former default field is `grid_resolution=0, plane_resolution=32,
+    density_offset=-1.0, fit_size=32, samples_per_ray=24`.
 
     Args:
         protocol (`str`): `"held_out"` (default): for each evaluated view, fit a field on the *other* views and
@@ -90,16 +108,16 @@ class RadianceFieldReconstructor:
         render_size (`int`, *optional*): Longest side of the renders, at most the view size. Default: `fit_size`
             (a field fitted at a low resolution rendered larger is blurry, which MRC would count as inconsistency).
         grid_resolution (`int`): Side of the voxel grid (0: no grid).
-        plane_resolution (`int`): Side of each triplane plane (0: no triplane).
+        plane_resolution (`int`): Side of each plane of an added triplane (0, the default: no triplane).
         samples_per_ray (`int`): Samples per ray inside the visual hull.
         steps (`int`): Adam steps.
         learning_rate (`float`): Adam learning rate.
-        tv_weight (`float`): Weight of the total variation of the colour features.
-        density_tv_weight (`float`, *optional*): Weight of the total variation of the density; default `tv_weight`.
-        density_offset (`float`): Offset of the density before its softplus (the initial opacity).
+        tv_weight (`float`): Weight of the total variation (mean squared difference of neighbouring cells).
         sparsity_weight (`float`): Weight of the mean opacity of the samples.
+        density_offset (`float`): Added to the density feature before the softplus: the initial density is
+            `20 * softplus(density_offset)` per unit length (about 1 for -3, a mostly transparent start; 6 for -1).
         bound (`float`): Half side of the reconstructed cube, centred on the world origin.
-        init_std (`float`): Standard deviation of the seeded initial plane features.
+        init_std (`float`): Standard deviation of the seeded initial features.
         seed (`int`): Seed of the initial features (and of `held_out_views`'s draw).
     """
 
@@ -108,40 +126,41 @@ class RadianceFieldReconstructor:
         protocol: str = "held_out",
         *,
         held_out_views: int | None = None,
-        fit_size: int = 32,
+        fit_size: int = 48,
         render_size: int | None = None,
         grid_resolution: int = 32,
         plane_resolution: int = 0,
-        samples_per_ray: int = 24,
+        samples_per_ray: int = 16,
         steps: int = 100,
         learning_rate: float = 0.1,
         tv_weight: float = 0.03,
         sparsity_weight: float = 0.001,
+        density_offset: float = -3.0,
         bound: float = 1.0,
         init_std: float = 0.01,
         seed: int = 0,
-        density_tv_weight: float | None = None,
-        density_offset: float = _DENSITY_OFFSET,
     ):
-        if grid_resolution < 2 and plane_resolution < 2:
-            raise ValueError("grid_resolution or plane_resolution must be at least 2.")
         if protocol not in ("held_out", "same_view"):
             raise ValueError(f"Unknown protocol {protocol!r}; valid protocols: 'held_out', 'same_view'.")
         if held_out_views is not None and (protocol != "held_out" or held_out_views < 1):
             raise ValueError("held_out_views must be a positive number of views and needs protocol='held_out'.")
+        for name, resolution in (("grid_resolution", grid_resolution), ("plane_resolution", plane_resolution)):
+            if resolution < 0 or resolution == 1:
+                raise ValueError(f"{name} must be 0 (none) or at least 2, got {resolution}.")
+        if grid_resolution == 0 and plane_resolution == 0:
+            raise ValueError("A field needs a voxel grid or a triplane: grid_resolution or plane_resolution > 0.")
         self.protocol = protocol
         self.held_out_views = held_out_views
         self.fit_size = fit_size
         self.render_size = render_size
-        self.grid_resolution = grid_resolution if grid_resolution >= 2 else 0
-        self.plane_resolution = plane_resolution if plane_resolution >= 2 else 0
+        self.grid_resolution = grid_resolution
+        self.plane_resolution = plane_resolution
         self.samples_per_ray = samples_per_ray
         self.steps = steps
         self.learning_rate = learning_rate
         self.tv_weight = tv_weight
-        self.density_offset = density_offset
-        self.density_tv_weight = tv_weight if density_tv_weight is None else density_tv_weight
         self.sparsity_weight = sparsity_weight
+        self.density_offset = density_offset
         self.bound = bound
         self.init_std = init_std
         self.seed = seed
@@ -176,8 +195,8 @@ class RadianceFieldReconstructor:
         fit_candidates = F.adaptive_max_pool2d(masks.float(), fit_hw) > 0
         fit_candidates = F.max_pool2d(fit_candidates.float(), 3, stride=1, padding=1) > 0
         with torch.enable_grad(), flush_denormal():
-            planes = self._fit(targets, fit_candidates, masks, uses, cameras, background, generator)
-        return self._render(planes, masks, uses, render_field, cameras, background, (height, width))
+            fields = self._fit(targets, fit_candidates, masks, uses, cameras, background, generator)
+        return self._render(fields, masks, uses, render_field, cameras, background, (height, width))
 
     def _plan(self, batch: int, num_views: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training views of each field, `(B, G, V)` bool, and the field rendering each view, `(B, V)` (-1: none)."""
@@ -197,10 +216,10 @@ class RadianceFieldReconstructor:
         return uses, render_field
 
     def _cells(self) -> int:
-        """Feature cells of one field: `r^3` voxels, then `3 p^2` plane texels."""
+        """Feature cells of one field: the `r^3` voxels, then the `3 p^2` plane texels."""
         return self.grid_resolution**3 + 3 * self.plane_resolution**2
 
-    def _fit(self, targets, candidates, masks, uses, cameras, background, generator) -> torch.Tensor:
+    def _fit(self, targets, candidates, masks, uses, cameras, background, generator) -> _Fields:
         batch, num_views, _, fit_h, fit_w = targets.shape
         groups = uses.shape[1]
         rays = self._sample_rays(candidates, masks, uses, uses, cameras, (fit_h, fit_w))
@@ -212,35 +231,32 @@ class RadianceFieldReconstructor:
         pixel_norm = 1.0 / (3 * fit_h * fit_w * uses.sum(dim=2).clamp_min(1)).float()  # (B, G)
         sample_norm = pixel_norm * 3 / self.samples_per_ray
 
-        cells = self._cells()
-        init = (torch.randn(cells, _CHANNELS, generator=generator) * self.init_std).to(targets.device)
-        # Only the cells the rays touch are optimised (a compact copy); the others keep their initial values.
+        init = (torch.randn(self._cells(), _CHANNELS, generator=generator) * self.init_std).to(targets.device)
+        # Only the cells the rays touch are optimised, as a compact copy; the others keep their initial features.
         active, rays, pairs, pair_weight = self._compact(rays, batch)
-        features = init[active % cells]
-        features = features[:, None].repeat(1, groups, 1).reshape(-1, groups * _CHANNELS).requires_grad_(True)
+        features = init[active % self._cells()][:, None].repeat(1, groups, 1).reshape(-1, groups * _CHANNELS)
+        features.requires_grad_(True)
         optimizer = torch.optim.Adam([features], lr=self.learning_rate, betas=(0.9, 0.99))
-        tv_channel = torch.tensor([self.density_tv_weight] + [self.tv_weight] * 3, device=targets.device)
         for _ in range(self.steps):
             color, alpha = self._composite(features, rays, background)
             error = (color - colors[:, None]).square().sum(-1) * in_loss  # (K, G)
             loss = (error * pixel_norm[rays.block]).sum()
             loss = loss + self.sparsity_weight * (alpha.sum(1) * in_loss * sample_norm[rays.block]).sum()
-            diff = (features[pairs[0]] - features[pairs[1]]).square().view(-1, groups, _CHANNELS)
-            tv = ((diff * pair_weight[:, None, None]).sum(dim=(0, 1)) * tv_channel).sum()
-            loss = loss + tv
+            # Per field, the mean squared difference of neighbouring cells (pairs with an untouched cell left out).
+            tv = ((features[pairs[0]] - features[pairs[1]]).square().sum(dim=1) * pair_weight).sum()
+            loss = loss + self.tv_weight * tv
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        dense = init[None, :, None].repeat(batch, 1, groups, 1).view(batch * cells, groups, _CHANNELS)
-        dense[active] = features.detach().view(-1, groups, _CHANNELS)
-        return dense.view(batch, cells, groups, _CHANNELS)
+        return _Fields(init, active, features.detach().view(-1, groups, _CHANNELS))
 
-    def _compact(self, rays: _Rays, blocks: int) -> tuple[torch.Tensor, _Rays, torch.Tensor]:
-        """Restrict the rays' interpolation matrix to the voxels it touches.
+    def _compact(self, rays: _Rays, blocks: int) -> tuple[torch.Tensor, _Rays, torch.Tensor, torch.Tensor]:
+        """Restrict the rays' interpolation matrix to the cells it touches.
 
         Returns:
-            `active`, the touched voxels `(n,)` as indices into `blocks * r^3`; the rays with matrices over the `n`
-            active voxels; `pairs` `(2, P)`, the compact indices of the active neighbours along each axis.
+            `active`, the touched cells `(n,)` (sorted indices into `blocks * cells`); the rays with matrices over the
+            `n` active cells; `pairs` `(2, P)`, compact indices of active neighbours (along each axis of the grid and
+            of each plane); `pair_weight` `(P,)`, the normaliser of each pair's squared difference.
         """
         res, cells = self.grid_resolution, self._cells()
         columns = rays.matrix.col_indices()
@@ -277,17 +293,23 @@ class RadianceFieldReconstructor:
         pairs = torch.stack([torch.cat(first), torch.cat(second)])
         return active, replace(rays, matrix=matrix, matrix_t=matrix_t), pairs, torch.cat(weight)
 
-    def _render(self, planes, masks, uses, render_field, cameras, background, view_hw) -> torch.Tensor:
+    def _render(self, fields: _Fields, masks, uses, render_field, cameras, background, view_hw) -> torch.Tensor:
         batch, num_views = render_field.shape
+        device = fields.init.device
         out_h, out_w = _scaled_size(*view_hw, self.render_size or self.fit_size)
-        renders = torch.full((batch, num_views, 3, out_h, out_w), float("nan"), device=planes.device)
-        all_rays = torch.ones(1, num_views, out_h * out_w, dtype=torch.bool, device=planes.device)
+        renders = torch.full((batch, num_views, 3, out_h, out_w), float("nan"), device=device)
+        all_rays = torch.ones(1, num_views, out_h * out_w, dtype=torch.bool, device=device)
+        cells = self._cells()
+        bounds = torch.searchsorted(fields.active, torch.arange(batch + 1, device=device) * cells).tolist()
         for b in range(batch):
+            active = fields.active[bounds[b] : bounds[b + 1]] - b * cells
             for v in range(num_views):
                 field = int(render_field[b, v])
                 if field < 0:
                     continue
-                wanted = torch.zeros(1, 1, num_views, dtype=torch.bool, device=planes.device)
+                features = fields.init.clone()
+                features[active] = fields.features[bounds[b] : bounds[b + 1], field]
+                wanted = torch.zeros(1, 1, num_views, dtype=torch.bool, device=device)
                 wanted[0, 0, v] = True
                 rays = self._sample_rays(
                     all_rays.view(1, num_views, out_h, out_w),
@@ -299,15 +321,15 @@ class RadianceFieldReconstructor:
                 )
                 image = background.view(1, 3).repeat(out_h * out_w, 1)
                 if rays.block.numel():
-                    color, _ = self._composite(planes[b, :, field].contiguous(), rays, background)
+                    color, _ = self._composite(features, rays, background)
                     image[rays.pixel] = color[:, 0]
                 renders[b, v] = image.t().reshape(3, out_h, out_w)
         return renders.clamp(0, 1)
 
-    def _composite(self, planes: torch.Tensor, rays: _Rays, background: torch.Tensor):
-        """Colours `(K, G, 3)` and sample opacities `(K, S, G)` of the rays for planes `(blocks * 3r^2, G * C)`."""
+    def _composite(self, cells: torch.Tensor, rays: _Rays, background: torch.Tensor):
+        """Colours `(K, G, 3)` and sample opacities `(K, S, G)` of the rays for cell features `(cells, G * C)`."""
         num_rays, samples, groups = rays.hull.shape
-        features = _SparseMatmul.apply(rays.matrix, rays.matrix_t, planes).view(num_rays, samples, groups, _CHANNELS)
+        features = _SparseMatmul.apply(rays.matrix, rays.matrix_t, cells).view(num_rays, samples, groups, _CHANNELS)
         sigma = _DENSITY_SCALE * F.softplus(features[..., 0] + self.density_offset) * rays.hull
         rgb = torch.sigmoid(features[..., 1:])
         tau = sigma * rays.delta[:, None, None]
@@ -376,7 +398,7 @@ class RadianceFieldReconstructor:
     def _interpolation_matrix(self, points: torch.Tensor, block: torch.Tensor, blocks: int):
         """Interpolation of the features at `points` `(K, S, 3)`: CSR `(K*S, blocks*cells)`.
 
-        Trilinear in the voxel grid, or bilinear in each of the three planes of a triplane, summed.
+        Trilinear in the voxel grid plus bilinear in each of the three planes of the triplane, whichever exist.
         """
         cells = self._cells()
         rows = points.shape[0] * points.shape[1]
@@ -395,9 +417,8 @@ class RadianceFieldReconstructor:
                         wx = frac[:, 0] if dx else 1 - frac[:, 0]
                         wy = frac[:, 1] if dy else 1 - frac[:, 1]
                         wz = frac[:, 2] if dz else 1 - frac[:, 2]
-                        columns.append(
-                            block_offset + ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz
-                        )
+                        voxel = ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz
+                        columns.append(block_offset + voxel)
                         values.append(wx * wy * wz)
         if self.plane_resolution:
             res = self.plane_resolution
