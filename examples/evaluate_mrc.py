@@ -36,6 +36,7 @@ from transformers import HfArgumentParser
 
 from carve3d_trl import load_prompts
 from carve3d_trl.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from carve3d_trl.families import FAMILIES, detect_family
 from carve3d_trl.hub import validate_repo_id
 from carve3d_trl.image_logging import tile_renders_like
 from carve3d_trl.pipelines import LORA_WEIGHT_NAME
@@ -55,10 +56,16 @@ class ModelArguments:
         metadata={"help": "Base multi-view model: Hub model id or local diffusers folder. Empty: the toy model."},
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Revision of a Hub base model."})
+    pipeline_family: str = field(
+        default="auto",
+        metadata={"help": "Model family: 'sd' (Stable Diffusion 1.x/2.x), 'sdxl', or 'auto' (read model_index.json)."},
+    )
 
     def __post_init__(self):
         if not self.pretrained_model:
             self.pretrained_model = str(toy_model_path("short"))
+        if self.pipeline_family not in FAMILIES:
+            raise ValueError(f"--pipeline_family must be one of {FAMILIES}, got {self.pipeline_family!r}.")
 
 
 @dataclass
@@ -187,15 +194,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_pipeline(model: ModelArguments, sampling: SamplingArguments, device: torch.device):
-    """A diffusers `StableDiffusionPipeline` with a DDIM scheduler, on `device`, without a safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """A diffusers `StableDiffusionPipeline` (without a safety checker) or `StableDiffusionXLPipeline`, by the
+    model's family, with a DDIM scheduler, on `device`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model.pretrained_model,
-        revision=model.pretrained_revision,
-        torch_dtype=DTYPES[sampling.mixed_precision],
-        safety_checker=None,
-        requires_safety_checker=False,
+    family = model.pipeline_family
+    if family == "auto":
+        family = detect_family(model.pretrained_model, model.pretrained_revision)
+    if family == "sdxl":
+        pipeline_class, extra = StableDiffusionXLPipeline, {}
+    else:
+        pipeline_class, extra = StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
+    dtype = DTYPES[sampling.mixed_precision]
+    pipe = pipeline_class.from_pretrained(
+        model.pretrained_model, revision=model.pretrained_revision, torch_dtype=dtype, **extra
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

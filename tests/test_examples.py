@@ -20,7 +20,9 @@ from PIL import Image
 from carve3d_trl import Carve3DStableDiffusionPipeline, load_prompts
 from carve3d_trl.export import save_unet_weights
 from carve3d_trl.hub import HubUploadError, push_folder_to_hub
+from carve3d_trl.pipelines_sdxl import Carve3DStableDiffusionXLPipeline
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
+from carve3d_trl.testing import TinyPipelineSpec, save_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(
@@ -41,19 +43,23 @@ def prompt_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tiny_model_path, tmp_path_factory):
-    """A LoRA for the tiny model with random (non-zero) weights, so that it changes the samples."""
-    pipeline = Carve3DStableDiffusionPipeline(str(tiny_model_path), lora_rank=2)
+def save_random_lora(pipeline, folder: Path) -> Path:
+    """Give `pipeline`'s LoRA random (non-zero) weights, so that it changes the samples, and save it to `folder`."""
     pipeline.get_trainable_layers()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in pipeline.sd_pipeline.unet.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    folder = tmp_path_factory.mktemp("lora")
     save_unet_weights(pipeline, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_path, tmp_path_factory):
+    """A random LoRA for the tiny model."""
+    pipeline = Carve3DStableDiffusionPipeline(str(tiny_model_path), lora_rank=2)
+    return save_random_lora(pipeline, tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture
@@ -111,6 +117,29 @@ def test_evaluate_writes_metrics_table_and_figure(tiny_model_path, lora_dir, pro
     with Image.open(out / "comparison.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > figure.size[1] > 0
     assert not list(out.glob(".tmp-*"))
+
+
+def test_evaluate_detects_an_sdxl_model_and_applies_its_lora(prompt_file, tmp_path):
+    model = save_tiny_sdxl_pipeline(tmp_path / "tiny-sdxl", TinyPipelineSpec(image_size=32))
+    lora = save_random_lora(Carve3DStableDiffusionXLPipeline(str(model), lora_rank=2), tmp_path / "lora")
+    args = ["--pretrained_model", str(model), "--lora", str(lora), "--prompt_dataset", str(prompt_file)]
+    args += ["--num_prompts", "2", "--num_seeds", "1", "--num_figure_prompts", "0"]
+    summary = evaluate_mrc.main([*args, *TINY_RUN, "--output_dir", str(tmp_path / "eval")])
+
+    table = json.loads((tmp_path / "eval" / "per_prompt.json").read_text())
+    base = np.array([row["mrc_base"] for row in table])
+    tuned = np.array([row["mrc_finetuned"] for row in table])
+    assert len(table) == 2 and np.isfinite(base).all() and not np.allclose(base, tuned)
+    assert summary["settings"]["pipeline_family"] == "auto"
+    sampling = evaluate_mrc.SamplingArguments(device="cpu")
+    for family in ("auto", "sdxl"):
+        model_args = evaluate_mrc.ModelArguments(str(model), pipeline_family=family)
+        assert type(evaluate_mrc.load_pipeline(model_args, sampling, "cpu")).__name__ == "StableDiffusionXLPipeline"
+
+
+def test_evaluate_rejects_an_unknown_pipeline_family():
+    with pytest.raises(ValueError, match="--pipeline_family must be one of"):
+        evaluate_mrc.ModelArguments("some/model", pipeline_family="sd3")
 
 
 def test_samples_depend_only_on_prompt_and_seed_not_on_the_batch(tiny_model_path):
