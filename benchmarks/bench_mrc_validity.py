@@ -8,6 +8,10 @@ seed noise (std of MRC at level 0 across reconstructor seeds). Several metrics, 
 trunks, are scored on the same reconstructions (each set is reconstructed once). Writes a JSON file and a PNG plot
 per metric to --out.
 
+`--reconstructor oracle` replaces the radiance field by a perfect reconstruction (the renders of each set's true
+object), so the study measures the metric alone: the best rho any reconstructor can reach with it (MSE and LPIPS
+only: PSNR is infinite for identical views).
+
     python benchmarks/bench_mrc_validity.py --metric psnr mse
     python benchmarks/bench_mrc_validity.py --metric lpips --lpips-random   # random AlexNet trunk (no weights)
     python benchmarks/bench_mrc_validity.py --metric lpips                  # needs alexnet-owt-7be5be79.pth
@@ -28,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout  # noqa: E402
-from carve3d_trl.rewards.synthetic import DISTORTIONS  # noqa: E402
+from carve3d_trl.rewards.synthetic import DISTORTIONS, random_object, render_object  # noqa: E402
 from carve3d_trl.rewards.validity import ValidityResult, run_validity_study  # noqa: E402
 
 
@@ -46,6 +50,33 @@ class CachedReconstructor:
         return self.cache[key]
 
 
+class OracleReconstructor:
+    """A perfect reconstruction: the consistent views of each set's object, found by the views no distortion changes.
+
+    Args:
+        consistent (`torch.Tensor` of shape `(objects, V, 3, h, w)`): The undistorted views of every object.
+        view_index (`int`): The view the study distorts.
+    """
+
+    def __init__(self, consistent: torch.Tensor, view_index: int = 0):
+        self.consistent = consistent
+        self.untouched = [v for v in range(consistent.shape[1]) if v != view_index]
+
+    def reconstruct(self, views, layout):
+        untouched, reference = views[:, self.untouched], self.consistent[:, self.untouched]
+        distance = torch.stack([(untouched - one).flatten(1).abs().amax(dim=1) for one in reference], dim=1)
+        nearest, match = distance.min(dim=1)
+        if nearest.max() > 1e-6:
+            raise ValueError("A set's untouched views match no object's consistent views.")
+        return self.consistent[match]
+
+
+def consistent_views(layout, num_objects: int, view_size: int, object_seed: int) -> torch.Tensor:
+    """The undistorted views `(objects, V, 3, h, w)` of the study's objects (the draw of `run_validity_study`)."""
+    generator = torch.Generator().manual_seed(object_seed)
+    return torch.stack([render_object(random_object(generator), layout, view_size) for _ in range(num_objects)])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metric", nargs="+", choices=["lpips", "mse", "psnr"], default=["psnr"])
@@ -53,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--lpips-seeds", type=int, nargs="+", default=[0], help="torch seeds of the random LPIPS trunks, one run each"
     )
+    parser.add_argument("--reconstructor", choices=["radiance_field", "oracle"], default="radiance_field")
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--objects", type=int, default=8)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -63,7 +95,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reconstructor-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.reconstructor == "oracle" and "psnr" in args.metric:
+        parser.error("--reconstructor oracle renders the untouched views exactly, where PSNR is infinite: use mse.")
+    return args
 
 
 def plot(result: ValidityResult, title: str, path: Path) -> None:
@@ -97,10 +132,16 @@ def reward_factory(layout, reconstructors, metric: str, trunk: int | None, pretr
 def main() -> None:
     args = parse_args()
     layout = instant3d_layout()
-    reconstructors = {
-        seed: CachedReconstructor(RadianceFieldReconstructor(args.protocol, seed=seed, **args.reconstructor_kwargs))
-        for seed in args.seeds
-    }
+    reconstructors: dict[int, OracleReconstructor | CachedReconstructor]
+    if args.reconstructor == "oracle":
+        oracle = OracleReconstructor(consistent_views(layout, args.objects, args.view_size, args.object_seed))
+        reconstructors = {seed: oracle for seed in args.seeds}
+    else:
+        kwargs = dict(args.reconstructor_kwargs, protocol=args.protocol)
+        reconstructors = {
+            seed: CachedReconstructor(RadianceFieldReconstructor(seed=seed, **kwargs)) for seed in args.seeds
+        }
+    setting = "oracle" if args.reconstructor == "oracle" else args.protocol
     runs = []  # (metric, LPIPS trunk seed or None, name)
     for metric in args.metric:
         if metric == "lpips" and args.lpips_random:
@@ -122,12 +163,12 @@ def main() -> None:
             object_seed=args.object_seed,
         )
         seconds = time.perf_counter() - start
-        stem = f"mrc_validity_{metric_name}_{args.protocol}{args.tag}"
-        title = f"MRC ({metric_name}, {args.protocol}) vs strength, {args.objects} objects, {args.view_size}px views"
+        stem = f"mrc_validity_{metric_name}_{setting}{args.tag}"
+        title = f"MRC ({metric_name}, {setting}) vs strength, {args.objects} objects, {args.view_size}px views"
         plot(result, title, args.out / f"{stem}.png")
         summary = {
             "metric": metric_name,
-            "protocol": args.protocol,
+            "protocol": setting,
             "objects": args.objects,
             "object_seed": args.object_seed,
             "levels": result.levels,
@@ -144,7 +185,7 @@ def main() -> None:
         }
         (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
 
-        print(f"metric {metric_name}, protocol {args.protocol}, {args.objects} objects, {seconds:.0f} s")
+        print(f"metric {metric_name}, protocol {setting}, {args.objects} objects, {seconds:.0f} s")
         print(f"seed noise (std of MRC at level 0 over seeds {args.seeds}): {result.seed_std:.4g}")
         print("| distortion | Spearman rho | lowest object's rho | gap level 0 -> first level | gap / seed noise |")
         print("|---|---|---|---|---|")

@@ -1,6 +1,7 @@
 """A fast version of the MRC robustness study (the full one: benchmarks/bench_mrc_validity.py)."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,24 @@ def test_mrc_worsens_with_the_strength_of_every_distortion():
         assert result.mrc[kind].shape == (2, 3)
         assert result.spearman[kind] >= 0.95, (kind, result.mrc[kind])
         assert result.first_gap[kind] > 3 * result.seed_std, kind
+
+
+def test_the_oracle_of_the_benchmark_scores_consistent_views_as_perfect(monkeypatch):
+    # bench_mrc_validity's perfect reconstruction, which measures the metric alone.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_mrc_validity import OracleReconstructor, consistent_views
+
+    layout = instant3d_layout()
+    oracle = OracleReconstructor(consistent_views(layout, num_objects=2, view_size=32, object_seed=0))
+    result = run_validity_study(
+        lambda seed: MRCReward(layout, oracle, metric="mse"),
+        layout,
+        num_objects=2,
+        levels=(0.0, 0.5, 1.0),
+        view_size=32,
+        seeds=(0,),
+    )
+    for kind in DISTORTIONS:
+        assert result.mrc[kind][:, 0].abs().max() == 0, kind  # the oracle renders consistent views exactly
+        assert (result.mrc[kind][:, 1:] > 0).all(), kind
+        assert result.spearman[kind] == pytest.approx(1.0), (kind, result.mrc[kind])
