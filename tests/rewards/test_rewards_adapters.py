@@ -1,6 +1,7 @@
 """Adapters for OpenLRM and InstantMesh: orchestration against in-process fakes, real packages when installed."""
 
 import importlib
+import importlib.util
 import json
 import sys
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from carve3d_trl.distributed import ensure_process_state
 from carve3d_trl.rewards import (
     InstantMeshReconstructor,
     MRCReward,
@@ -28,6 +30,7 @@ from carve3d_trl.rewards.reconstructors.camera_conventions import (
 )
 from carve3d_trl.rewards.reconstructors.instantmesh_adapter import _dino_without_download
 from carve3d_trl.rewards.reconstructors.openlrm_adapter import _dinov2_without_download
+from carve3d_trl.rewards.reconstructors.transformers_compat import provide_transformers4_helpers
 
 LRM_CONFIG = dict(
     camera_embed_dim=32,
@@ -46,11 +49,18 @@ LRM_CONFIG = dict(
 
 
 def _importable(module: str) -> bool:
+    """Whether a clone providing `module` is on the path (found, not imported: the adapter prepares the import)."""
     try:
-        importlib.import_module(module)
+        return importlib.util.find_spec(module) is not None
     except ImportError:
         return False
-    return True
+
+
+def _forget_cached(monkeypatch, top_level: str) -> None:
+    """Drop `top_level` and its submodules from `sys.modules` for one test (a real clone on PYTHONPATH is imported
+    when the skip conditions below are evaluated, and its cached modules would bypass the import under test)."""
+    for name in [name for name in sys.modules if name == top_level or name.startswith(top_level + ".")]:
+        monkeypatch.delitem(sys.modules, name)
 
 
 @pytest.fixture
@@ -77,9 +87,11 @@ def _views(batch, num_views, size=32):
 
 
 def test_missing_packages_raise_import_errors_saying_how_to_install(monkeypatch):
+    _forget_cached(monkeypatch, "openlrm")
     monkeypatch.setitem(sys.modules, "openlrm", None)
     with pytest.raises(ImportError, match=r"git clone https://github.com/3DTopia/OpenLRM.*PYTHONPATH"):
         OpenLRMReconstructor("unused")
+    _forget_cached(monkeypatch, "src")
     monkeypatch.setitem(sys.modules, "src", None)
     with pytest.raises(ImportError, match=r"git clone https://github.com/TencentARC/InstantMesh.*PYTHONPATH"):
         make_reconstructor("instantmesh")
@@ -91,7 +103,7 @@ def test_missing_dependency_of_a_clone_is_named(tmp_path, monkeypatch, forget_sr
     (tmp_path / "src" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
     (package / "lrm.py").write_text("import nvdiffrast_not_installed_here\n")
-    monkeypatch.delitem(sys.modules, "src", raising=False)
+    _forget_cached(monkeypatch, "src")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ImportError, match="dependency 'nvdiffrast_not_installed_here' is missing"):
         InstantMeshReconstructor("unused")
@@ -242,6 +254,7 @@ def test_instantmesh_checkpoint_comes_from_the_hub_by_repo_id(instantmesh_checkp
 def test_real_openlrm_tiny_model(tmp_path):
     modeling = importlib.import_module("openlrm.models.modeling_lrm")
     dinov2 = importlib.import_module("openlrm.models.encoders.dinov2_wrapper")
+    ensure_process_state()  # OpenLRM logs through accelerate, which raises without a state
     with _dinov2_without_download(dinov2):
         model = modeling.ModelLRM(**LRM_CONFIG)
     (tmp_path / "config.json").write_text(json.dumps(LRM_CONFIG))
@@ -274,3 +287,34 @@ def test_real_instantmesh_tiny_model(tmp_path):
     reconstructor = InstantMeshReconstructor(path, config=config, input_size=32, render_size=8, device="cpu")
     renders = reconstructor.reconstruct(_views(1, 6), zero123pp_layout())
     assert renders.shape == (1, 6, 3, 8, 8) and renders.min() >= 0 and renders.max() <= 1
+
+
+def test_instantmesh_gets_the_transformers4_helpers_it_needs_and_nothing_else(monkeypatch):
+    import transformers.pytorch_utils as pytorch_utils
+    from transformers import PreTrainedModel
+
+    for owner, name in ((pytorch_utils, "find_pruneable_heads_and_indices"), (PreTrainedModel, "get_head_mask")):
+        monkeypatch.setattr(owner, name, None, raising=False)  # so that the test leaves transformers as it was
+        monkeypatch.delattr(owner, name)
+    provide_transformers4_helpers()
+    assert PreTrainedModel.get_head_mask(object(), None, 3) == [None, None, None]
+    with pytest.raises(NotImplementedError, match="head_mask=None"):
+        PreTrainedModel.get_head_mask(object(), torch.ones(3), 3)
+    with pytest.raises(NotImplementedError, match="never prunes"):
+        pytorch_utils.find_pruneable_heads_and_indices({0}, 2, 4, set())
+    own_version = PreTrainedModel.get_head_mask
+    monkeypatch.setattr(PreTrainedModel, "get_head_mask", lambda *args: "transformers' own")
+    provide_transformers4_helpers()  # an existing helper is kept
+    assert PreTrainedModel.get_head_mask() == "transformers' own" and own_version is not PreTrainedModel.get_head_mask
+
+
+def test_a_clone_that_fails_to_import_says_so(tmp_path, monkeypatch, forget_src_package):
+    package = tmp_path / "src" / "models"
+    package.mkdir(parents=True)
+    (tmp_path / "src" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "lrm.py").write_text("from torch import name_that_does_not_exist\n")
+    _forget_cached(monkeypatch, "src")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="InstantMesh was found but does not import with the installed packages"):
+        InstantMeshReconstructor("unused")

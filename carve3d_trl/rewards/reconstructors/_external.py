@@ -29,6 +29,11 @@ def import_from_clone(module: str, project: str, clone_url: str) -> ModuleType:
             f"`git clone {clone_url}`, install its requirements, and put the clone's root folder on PYTHONPATH "
             f"(export PYTHONPATH=/path/to/{clone_url.rstrip('/').split('/')[-1]}:$PYTHONPATH)."
         ) from error
+    except ImportError as error:
+        raise ImportError(
+            f"{project} was found but does not import with the installed packages ({error}). Its code may need "
+            f"versions other than this environment's (see `pip list`); please report it with this message."
+        ) from error
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..cameras import CameraLayout
 from ._external import default_device, import_from_clone, patched, resolve_file
 from .camera_conventions import instantmesh_input_cameras, render_camera_vectors, similarity_transform
+from .transformers_compat import provide_transformers4_helpers
 
 __all__ = ["InstantMeshReconstructor"]
 
@@ -73,6 +74,7 @@ class InstantMeshReconstructor:
         revision: str | None = None,
         device: str | torch.device | None = None,
     ):
+        provide_transformers4_helpers()  # the clone's encoder was written for transformers 4
         lrm = import_from_clone("src.models.lrm", "InstantMesh", _CLONE_URL)
         dino = import_from_clone("src.models.encoder.dino_wrapper", "InstantMesh", _CLONE_URL)
         kwargs = _model_kwargs(config, Path(lrm.__file__).resolve().parents[2])
