@@ -97,14 +97,19 @@ def test_missing_packages_raise_import_errors_saying_how_to_install(monkeypatch)
         make_reconstructor("instantmesh")
 
 
-def test_missing_dependency_of_a_clone_is_named(tmp_path, monkeypatch, forget_src_package):
-    package = tmp_path / "src" / "models"
+def _broken_instantmesh_clone(root, monkeypatch, lrm_source: str) -> None:
+    """A clone at `root` whose `src/models/lrm.py` is `lrm_source`, first on the path for one test."""
+    package = root / "src" / "models"
     package.mkdir(parents=True)
-    (tmp_path / "src" / "__init__.py").write_text("")
+    (root / "src" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "lrm.py").write_text("import nvdiffrast_not_installed_here\n")
+    (package / "lrm.py").write_text(lrm_source)
     _forget_cached(monkeypatch, "src")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(root))
+
+
+def test_missing_dependency_of_a_clone_is_named(tmp_path, monkeypatch, forget_src_package):
+    _broken_instantmesh_clone(tmp_path, monkeypatch, "import nvdiffrast_not_installed_here\n")
     with pytest.raises(ImportError, match="dependency 'nvdiffrast_not_installed_here' is missing"):
         InstantMeshReconstructor("unused")
 
@@ -309,12 +314,6 @@ def test_instantmesh_gets_the_transformers4_helpers_it_needs_and_nothing_else(mo
 
 
 def test_a_clone_that_fails_to_import_says_so(tmp_path, monkeypatch, forget_src_package):
-    package = tmp_path / "src" / "models"
-    package.mkdir(parents=True)
-    (tmp_path / "src" / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("")
-    (package / "lrm.py").write_text("from torch import name_that_does_not_exist\n")
-    _forget_cached(monkeypatch, "src")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _broken_instantmesh_clone(tmp_path, monkeypatch, "from torch import name_that_does_not_exist\n")
     with pytest.raises(ImportError, match="InstantMesh was found but does not import with the installed packages"):
         InstantMeshReconstructor("unused")
