@@ -135,6 +135,7 @@ def main() -> None:
         print("Pushed:", trainer.push_to_hub(args.hub_repo_id))
     if trainer.accelerator.is_main_process:
         print(f"LoRA, model card and reward curve: {output_dir / 'lora'}; logs and checkpoints: {config.logdir}")
+    trainer.accelerator.end_training()  # close the trackers and the process group (a process may abort without it)
 
 
 if __name__ == "__main__":

@@ -382,15 +382,17 @@ def test_cpu_2proc_config_starts_two_cooperating_cpu_processes(tmp_path):
         "from accelerate.utils import gather_object\n"
         "accelerator = Accelerator()\n"
         "ranks = gather_object([accelerator.process_index])\n"
-        "print('PROBE', accelerator.process_index, accelerator.num_processes, accelerator.device.type, ranks)\n"
+        "line = f'{accelerator.process_index} {accelerator.num_processes} {accelerator.device.type} {ranks}'\n"
+        "open(f'probe{accelerator.process_index}.txt', 'w').write(line)\n"  # one file per rank: stdout interleaves
+        "accelerator.end_training()\n"  # destroys the process group: a rank may abort at exit without it
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file"]
     command += [str(CONFIGS / "cpu_2proc.yaml"), str(probe)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("PROBE"))
-    assert lines == ["PROBE 0 2 cpu [0, 1]", "PROBE 1 2 cpu [0, 1]"]
+    lines = [(tmp_path / f"probe{rank}.txt").read_text() for rank in (0, 1)]
+    assert lines == ["0 2 cpu [0, 1]", "1 2 cpu [0, 1]"]
 
 
 def test_docs_show_each_script_and_config():

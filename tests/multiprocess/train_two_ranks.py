@@ -48,3 +48,4 @@ Path(out_dir, f"rank{rank}.json").write_text(
         }
     )
 )
+trainer.accelerator.end_training()
