@@ -38,6 +38,7 @@ from typing import Any
 from bench_trainer import (
     PHASES,
     TimedTrainer,
+    add_workload_arguments,
     brightness_reward,
     common_config,
     current_rss_mb,
@@ -59,17 +60,7 @@ MEMORY_PHASES = {"sampling": "_generate_samples", "training": "_train_epoch"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the hidden `--memory-family`/`--model-dir` run one memory measurement (subprocess)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="Timed rounds (each times both trainers once).")
-    parser.add_argument("--image-size", type=int, default=64, help="Side of the tiny models' grid images, pixels.")
-    parser.add_argument(
-        "--vae-blocks", type=int, default=3, help="VAE levels: the latent is image-size / 2**(vae-blocks - 1) wide."
-    )
-    parser.add_argument("--steps", type=int, default=10, help="Sampling (DDIM) steps per image.")
-    parser.add_argument("--sample-batch-size", type=int, default=4, help="Images per sampling batch.")
-    parser.add_argument("--batches-per-epoch", type=int, default=2, help="Sampling batches per epoch.")
-    parser.add_argument("--train-batch-size", type=int, default=4, help="Samples per train batch.")
-    parser.add_argument("--skip-timing", action="store_true", help="Only measure memory.")
-    parser.add_argument("--skip-memory", action="store_true", help="Only measure epoch times.")
+    add_workload_arguments(parser)
     parser.add_argument("--memory-family", choices=FAMILIES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -50,9 +50,8 @@ MEMORY_VARIANTS = ("lora-kl-off", "lora-kl-on", "full-kl-off", "full-kl-on")
 PROMPTS = ("a red cube", "a blue sphere", "a green cone", "a yellow torus")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; the hidden `--memory-variant`/`--model-dir` run one memory measurement (subprocess)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the timed workload (tiny models, sampling and training sizes), shared with `bench_sdxl.py`."""
     parser.add_argument("--rounds", type=int, default=5, help="Timed rounds (each times every trainer once).")
     parser.add_argument("--image-size", type=int, default=64, help="Side of the tiny pipeline's images, pixels.")
     parser.add_argument(
@@ -62,9 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-batch-size", type=int, default=4, help="Images per sampling batch.")
     parser.add_argument("--batches-per-epoch", type=int, default=2, help="Sampling batches per epoch.")
     parser.add_argument("--train-batch-size", type=int, default=4, help="Samples per train batch.")
-    parser.add_argument("--memory-epochs", type=int, default=1, help="Epochs run per memory measurement.")
     parser.add_argument("--skip-timing", action="store_true", help="Only measure memory.")
     parser.add_argument("--skip-memory", action="store_true", help="Only measure epoch times.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; the hidden `--memory-variant`/`--model-dir` run one memory measurement (subprocess)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
+    parser.add_argument("--memory-epochs", type=int, default=1, help="Epochs run per memory measurement.")
     parser.add_argument("--memory-variant", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -22,13 +22,17 @@ def detect_family(pretrained_model_name: str, revision: str = "main") -> str:
     return "sdxl" if is_sdxl else "sd"
 
 
+def resolve_family(pretrained_model_name: str, family: str = "auto", revision: str = "main") -> str:
+    """`"sd"` or `"sdxl"`: `family` itself, or with `"auto"` what [`detect_family`] reads from the model."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown pipeline family {family!r}; choose one of {FAMILIES}.")
+    return detect_family(pretrained_model_name, revision) if family == "auto" else family
+
+
 def load_ddpo_pipeline(
     pretrained_model_name: str, *, family: str = "auto", pretrained_model_revision: str = "main", **kwargs: Any
 ) -> Carve3DStableDiffusionPipeline | Carve3DStableDiffusionXLPipeline:
     """The Carve3D DDPO pipeline of `family` (`"auto"`: [`detect_family`]) for a model; `kwargs` go to its
     constructor (`use_lora`, `lora_rank`, ...)."""
-    if family not in FAMILIES:
-        raise ValueError(f"Unknown pipeline family {family!r}; choose one of {FAMILIES}.")
-    if family == "auto":
-        family = detect_family(pretrained_model_name, pretrained_model_revision)
+    family = resolve_family(pretrained_model_name, family, pretrained_model_revision)
     return PIPELINES[family](pretrained_model_name, pretrained_model_revision=pretrained_model_revision, **kwargs)

@@ -133,9 +133,24 @@ def _tiny_tokenizer():
         return build_tiny_tokenizer(tmp)
 
 
+def assemble_sd_pipeline(vae, text_encoder, tokenizer, unet):
+    """A `StableDiffusionPipeline` of these models with the DDIM scheduler of the tiny models and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
     """Build a tiny random `StableDiffusionPipeline` (on CPU, float32) from `spec`, deterministic in `seed`."""
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     spec = spec or TinyPipelineSpec()
@@ -147,16 +162,7 @@ def build_tiny_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):
         vae = _tiny_vae(spec)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, spec.text_hidden_size))
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_tiny_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def build_tiny_sdxl_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0):

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser
 
 from carve3d_trl import load_prompts
 from carve3d_trl.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from carve3d_trl.families import FAMILIES, detect_family
+from carve3d_trl.families import FAMILIES, resolve_family
 from carve3d_trl.hub import validate_repo_id
 from carve3d_trl.image_logging import tile_renders_like
 from carve3d_trl.pipelines import LORA_WEIGHT_NAME
@@ -198,10 +198,7 @@ def load_pipeline(model: ModelArguments, sampling: SamplingArguments, device: to
     model's family, with a DDIM scheduler, on `device`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    family = model.pipeline_family
-    if family == "auto":
-        family = detect_family(model.pretrained_model, model.pretrained_revision)
-    if family == "sdxl":
+    if resolve_family(model.pretrained_model, model.pipeline_family, model.pretrained_revision) == "sdxl":
         pipeline_class, extra = StableDiffusionXLPipeline, {}
     else:
         pipeline_class, extra = StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny pipeline saved once per session, and small trainer configurations."""
+"""Shared fixtures: a tiny pipeline saved once per session (a small trainer configuration: `small_run.py`)."""
 
 import pytest
 import torch

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from small_run import PROMPTS, SMALL, brightness
 
 from carve3d_trl import (
     Carve3DConfig,
@@ -22,20 +23,6 @@ from carve3d_trl.conditioning_sdxl import StableDiffusionXLConditioner
 from carve3d_trl.testing import TinyPipelineSpec, save_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["a red cube", "a blue sphere"]
-SMALL = dict(
-    sample_num_steps=3,
-    sample_batch_size=2,
-    sample_num_batches_per_epoch=2,
-    train_batch_size=2,
-    mixed_precision="no",
-    log_with=None,
-    seed=0,
-)
-
-
-def brightness(images, prompts, metadata):
-    return images.mean(dim=(1, 2, 3)), {}
 
 
 def cycle():

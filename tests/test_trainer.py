@@ -8,28 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from small_run import PROMPTS, SMALL, brightness
 from trl import DDPOConfig, DefaultDDPOStableDiffusionPipeline
 from trl.models.modeling_sd_base import scheduler_step
 
 import carve3d_trl.trainer as trainer_module
 from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
 from carve3d_trl.stats import PromptStatTracker, normalize_batch
-
-PROMPTS = ["a red cube", "a blue sphere"]
-SMALL = dict(
-    sample_num_steps=3,
-    sample_batch_size=2,
-    sample_num_batches_per_epoch=2,
-    train_batch_size=2,
-    mixed_precision="no",
-    log_with=None,
-    seed=0,
-)
-
-
-def brightness(images, prompts, metadata):
-    """Reward: mean brightness of the grid image, shape `(B,)`."""
-    return images.mean(dim=(1, 2, 3)), {}
 
 
 def cycle(prompts=PROMPTS):

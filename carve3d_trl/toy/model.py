@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..testing import build_tiny_tokenizer
+from ..testing import assemble_sd_pipeline, build_tiny_tokenizer
 
 __all__ = ["TOY_VARIANTS", "build_toy_pipeline", "load_toy_pipeline", "toy_model_path"]
 
@@ -45,7 +45,7 @@ def load_toy_pipeline(variant: str = "short", **kwargs):
 
 def build_toy_pipeline(seed: int = 0):
     """The toy architecture with random weights (what training starts from), deterministic in `seed`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,21 +85,4 @@ def build_toy_pipeline(seed: int = 0):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(vae, text_encoder, tokenizer, unet)
