@@ -1,3 +1,4 @@
+import logging
 from importlib.resources import files
 
 import pytest
@@ -157,6 +158,7 @@ def test_save_training_curves(tmp_path):
 
 
 def test_write_model_card(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="carve3d_trl.model_card")
     folder = tmp_path / "final"
     (folder / "samples").mkdir(parents=True)
     for name in ("0_views.png", "0_renders.png"):

@@ -1,6 +1,7 @@
 """The toy multi-view model (issue 7): its synthetic data, the shipped weights, and Carve3D fine-tuning of it."""
 
 import json
+import logging
 import re
 import sys
 from dataclasses import replace
@@ -128,6 +129,19 @@ def test_carve3d_fine_tunes_the_toy_model_with_the_mrc_reward(tmp_path):
     assert trainer.history[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the LoRA starts as the base model
 
 
+@pytest.fixture
+def benchmark_process_settings_restored():
+    """The benchmark quiets the libraries' loggers and pins one torch thread; undo that for the tests after it."""
+    names = ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl")
+    levels = {name: logging.getLogger(name).level for name in names}
+    threads = torch.get_num_threads()
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("benchmark_process_settings_restored")
 def test_replication_benchmark_smoke(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_replication
