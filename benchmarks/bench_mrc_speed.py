@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--metric", choices=["lpips", "mse", "psnr"], default="lpips")
     parser.add_argument("--lpips-pretrained", action="store_true", help="default: random trunk (same cost)")
+    parser.add_argument("--reconstructor-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mrc_speed.json")
@@ -66,7 +67,7 @@ def main() -> None:
         layout = LAYOUTS[num_views]()
         reward = MRCReward(
             layout,
-            RadianceFieldReconstructor(args.protocol),
+            RadianceFieldReconstructor(args.protocol, **args.reconstructor_kwargs),
             metric=args.metric,
             lpips_pretrained=args.lpips_pretrained,
         )
@@ -98,7 +99,13 @@ def main() -> None:
                 )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(protocol=args.protocol, metric=args.metric, threads=torch.get_num_threads(), repeats=args.repeats)
+    meta = dict(
+        protocol=args.protocol,
+        reconstructor_kwargs=args.reconstructor_kwargs,
+        metric=args.metric,
+        threads=torch.get_num_threads(),
+        repeats=args.repeats,
+    )
     args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
 
 
