@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- set-up
 
 
+QUIET_LOGGERS = ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl")
+
+
 def quiet_and_single_threaded() -> None:
     """One intra-op thread (see the module docstring) and no deprecation/progress chatter from the libraries."""
     import torch
@@ -88,7 +91,7 @@ def quiet_and_single_threaded() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers
     import transformers

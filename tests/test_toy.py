@@ -132,8 +132,10 @@ def test_carve3d_fine_tunes_the_toy_model_with_the_mrc_reward(tmp_path):
 @pytest.fixture
 def benchmark_process_settings_restored():
     """The benchmark quiets the libraries' loggers and pins one torch thread; undo that for the tests after it."""
-    names = ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl")
-    levels = {name: logging.getLogger(name).level for name in names}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_trainer import QUIET_LOGGERS
+
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     threads = torch.get_num_threads()
     yield
     for name, level in levels.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -407,33 +408,24 @@ class RadianceFieldReconstructor:
         unit = (points.reshape(-1, 3) / self.bound + 1) * 0.5
         if self.grid_resolution:
             res = self.grid_resolution
-            coords = (unit * (res - 1)).clamp(0, res - 1 - 1e-4)
-            base = coords.floor()
-            frac = coords - base
-            base = base.long()
-            for dx in (0, 1):
-                for dy in (0, 1):
-                    for dz in (0, 1):
-                        wx = frac[:, 0] if dx else 1 - frac[:, 0]
-                        wy = frac[:, 1] if dy else 1 - frac[:, 1]
-                        wz = frac[:, 2] if dz else 1 - frac[:, 2]
-                        voxel = ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz
-                        columns.append(block_offset + voxel)
-                        values.append(wx * wy * wz)
+            base, frac = _lattice_cell(unit, res)
+            for dx, dy, dz in itertools.product((0, 1), repeat=3):
+                wx = frac[:, 0] if dx else 1 - frac[:, 0]
+                wy = frac[:, 1] if dy else 1 - frac[:, 1]
+                wz = frac[:, 2] if dz else 1 - frac[:, 2]
+                voxel = ((base[:, 0] + dx) * res + base[:, 1] + dy) * res + base[:, 2] + dz
+                columns.append(block_offset + voxel)
+                values.append(wx * wy * wz)
         if self.plane_resolution:
             res = self.plane_resolution
-            coords = (unit * (res - 1)).clamp(0, res - 1 - 1e-4)
-            base = coords.floor()
-            frac = coords - base
-            base = base.long()
+            base, frac = _lattice_cell(unit, res)
             block_offset = block_offset + self.grid_resolution**3
             for plane, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-                for da in (0, 1):
-                    for db in (0, 1):
-                        wa = frac[:, a] if da else 1 - frac[:, a]
-                        wb = frac[:, b] if db else 1 - frac[:, b]
-                        columns.append(block_offset + plane * res * res + (base[:, a] + da) * res + base[:, b] + db)
-                        values.append(wa * wb)
+                for da, db in itertools.product((0, 1), repeat=2):
+                    wa = frac[:, a] if da else 1 - frac[:, a]
+                    wb = frac[:, b] if db else 1 - frac[:, b]
+                    columns.append(block_offset + plane * res * res + (base[:, a] + da) * res + base[:, b] + db)
+                    values.append(wa * wb)
         per_row = len(columns)
         columns = torch.stack(columns, dim=1).flatten()
         values = torch.stack(values, dim=1).flatten()
@@ -444,6 +436,14 @@ class RadianceFieldReconstructor:
             matrix = torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
             matrix_t = matrix.t().to_sparse_csr()
         return matrix, matrix_t
+
+
+def _lattice_cell(unit: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower corner `(N, 3)` (long) and fractional position `(N, 3)` of unit-cube points `(N, 3)` in the cell of a
+    lattice with `resolution` nodes per side that holds them."""
+    coords = (unit * (resolution - 1)).clamp(0, resolution - 1 - 1e-4)
+    base = coords.floor()
+    return base.long(), coords - base
 
 
 def _scaled_size(height: int, width: int, longest: int) -> tuple[int, int]:
