@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout, tile_views, zero123pp_layout
-from carve3d_trl.rewards.synthetic import random_object, render_object
+from carve3d_trl.synthetic import random_object, render_object
 
 LAYOUTS = {4: instant3d_layout, 6: zero123pp_layout}
 
@@ -32,8 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--metric", choices=["lpips", "mse", "psnr"], default="lpips")
-    parser.add_argument("--lpips-pretrained", action="store_true", help="default: random trunk (same cost)")
-    parser.add_argument("--reconstructor-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
+    parser.add_argument("--lpips_pretrained", action="store_true", help="default: random trunk (same cost)")
+    parser.add_argument("--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mrc_speed.json")

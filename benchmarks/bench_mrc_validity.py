@@ -13,7 +13,7 @@ object), so the study measures the metric alone: the best rho any reconstructor 
 only: PSNR is infinite for identical views).
 
     python benchmarks/bench_mrc_validity.py --metric psnr mse
-    python benchmarks/bench_mrc_validity.py --metric lpips --lpips-random   # random AlexNet trunk (no weights)
+    python benchmarks/bench_mrc_validity.py --metric lpips --lpips_random   # random AlexNet trunk (no weights)
     python benchmarks/bench_mrc_validity.py --metric lpips                  # needs alexnet-owt-7be5be79.pth
 """
 
@@ -32,8 +32,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout  # noqa: E402
-from carve3d_trl.rewards.synthetic import DISTORTIONS, random_object, render_object  # noqa: E402
-from carve3d_trl.rewards.validity import ValidityResult, run_validity_study  # noqa: E402
+from carve3d_trl.synthetic import (  # noqa: E402
+    DISTORTIONS,
+    OracleReconstructor,
+    ValidityResult,
+    consistent_views,
+    run_validity_study,
+)
 
 
 class CachedReconstructor:
@@ -50,49 +55,22 @@ class CachedReconstructor:
         return self.cache[key]
 
 
-class OracleReconstructor:
-    """A perfect reconstruction: the consistent views of each set's object, found by the views no distortion changes.
-
-    Args:
-        consistent (`torch.Tensor` of shape `(objects, V, 3, h, w)`): The undistorted views of every object.
-        view_index (`int`): The view the study distorts.
-    """
-
-    def __init__(self, consistent: torch.Tensor, view_index: int = 0):
-        self.consistent = consistent
-        self.untouched = [v for v in range(consistent.shape[1]) if v != view_index]
-
-    def reconstruct(self, views, layout):
-        untouched, reference = views[:, self.untouched], self.consistent[:, self.untouched]
-        distance = torch.stack([(untouched - one).flatten(1).abs().amax(dim=1) for one in reference], dim=1)
-        nearest, match = distance.min(dim=1)
-        if nearest.max() > 1e-6:
-            raise ValueError("A set's untouched views match no object's consistent views.")
-        return self.consistent[match]
-
-
-def consistent_views(layout, num_objects: int, view_size: int, object_seed: int) -> torch.Tensor:
-    """The undistorted views `(objects, V, 3, h, w)` of the study's objects (the draw of `run_validity_study`)."""
-    generator = torch.Generator().manual_seed(object_seed)
-    return torch.stack([render_object(random_object(generator), layout, view_size) for _ in range(num_objects)])
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metric", nargs="+", choices=["lpips", "mse", "psnr"], default=["psnr"])
-    parser.add_argument("--lpips-random", action="store_true", help="LPIPS with a random trunk (meaningless scale)")
+    parser.add_argument("--lpips_random", action="store_true", help="LPIPS with a random trunk (meaningless scale)")
     parser.add_argument(
-        "--lpips-seeds", type=int, nargs="+", default=[0], help="torch seeds of the random LPIPS trunks, one run each"
+        "--lpips_seeds", type=int, nargs="+", default=[0], help="torch seeds of the random LPIPS trunks, one run each"
     )
     parser.add_argument("--reconstructor", choices=["radiance_field", "oracle"], default="radiance_field")
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--objects", type=int, default=8)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--distortions", nargs="+", choices=DISTORTIONS, default=list(DISTORTIONS))
-    parser.add_argument("--view-size", type=int, default=64)
+    parser.add_argument("--view_size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--object-seed", type=int, default=0)
-    parser.add_argument("--reconstructor-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
+    parser.add_argument("--object_seed", type=int, default=0)
+    parser.add_argument("--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()

@@ -5,11 +5,11 @@
 3. Against the longer-SFT checkpoint: MRC, and diversity (mean pairwise pixel distance between the samples of one
    prompt), i.e. the distribution-shift trade-off.
 
-Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on `--train-prompts` captions with
+Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on `--train_prompts` captions with
 `MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with 50 steps to fit the CPU budget:
-`--reconstructor-kwargs`; the same reward scores the evaluation, a stronger one rescores it): one with the KL penalty
-(the recipe's in-reward KL, `--kl-coeff`), one without (`kl_penalty=False`, the KL still logged). Then five sources are
-evaluated on `--val-prompts` other captions x `--eval-seeds` seeds, each (prompt, seed) starting from the same noise:
+`--reconstructor_kwargs`; the same reward scores the evaluation, a stronger one rescores it): one with the KL penalty
+(the recipe's in-reward KL, `--kl_coeff`), one without (`kl_penalty=False`, the KL still logged). Then five sources are
+evaluated on `--val_prompts` other captions x `--eval_seeds` seeds, each (prompt, seed) starting from the same noise:
 the renders of the scenes themselves (data), the short-SFT base, both RL models and the long-SFT checkpoint. Per
 sample: MRC, and the KL to the base model (mean over the DDIM steps of log p_model - log p_base of the model's own
 transitions, the trainer's estimator; for the long-SFT model, its own text encoder and UNet against the base's).
@@ -28,7 +28,6 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 # this script's folder is on sys.path when it runs as `python benchmarks/bench_replication.py`
-from bench_trainer import quiet_and_single_threaded
+from harness import quiet_and_single_threaded
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT")
@@ -52,22 +51,22 @@ CHECK_RECONSTRUCTOR = {"fit_size": 32, "samples_per_ray": 24, "density_offset": 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=50, help="RL epochs per run (the first only fills statistics).")
-    parser.add_argument("--train-prompts", type=int, default=4, help="Training captions.")
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="Samples of each training caption/epoch.")
-    parser.add_argument("--val-prompts", type=int, default=12, help="Validation captions (none is a training one).")
-    parser.add_argument("--eval-seeds", type=int, default=4, help="Samples per validation caption.")
+    parser.add_argument("--train_prompts", type=int, default=4, help="Training captions.")
+    parser.add_argument("--samples_per_prompt", type=int, default=4, help="Samples of each training caption/epoch.")
+    parser.add_argument("--val_prompts", type=int, default=12, help="Validation captions (none is a training one).")
+    parser.add_argument("--eval_seeds", type=int, default=4, help="Samples per validation caption.")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (eta 1, as in DDPO), training and eval.")
     parser.add_argument("--guidance", type=float, default=5.0, help="Classifier-free guidance scale.")
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="LoRA learning rate.")
-    parser.add_argument("--kl-coeff", type=float, default=0.2, help="kl_normalized_coeff of the KL run.")
+    parser.add_argument("--learning_rate", type=float, default=3e-3, help="LoRA learning rate.")
+    parser.add_argument("--kl_coeff", type=float, default=0.2, help="kl_normalized_coeff of the KL run.")
     parser.add_argument("--metric", default="psnr", choices=("psnr", "mse", "lpips"), help="MRC's image metric.")
     parser.add_argument(
-        "--reconstructor-kwargs",
+        "--reconstructor_kwargs",
         default=json.dumps(CHEAP_RECONSTRUCTOR),
         help="JSON arguments of the built-in reconstructor ('{}': its defaults, 3-10x slower).",
     )
     parser.add_argument(
-        "--check-reconstructor-kwargs",
+        "--check_reconstructor_kwargs",
         default=json.dumps(CHECK_RECONSTRUCTOR),
         help="JSON arguments of a second built-in reconstructor that rescores every evaluation sample, to check that "
         "the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
@@ -76,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "replication", help="Prefix of the .json and .png.")
     args = parser.parse_args(argv)
     if min(args.epochs, args.train_prompts, args.samples_per_prompt, args.val_prompts, args.steps) < 1:
-        parser.error("--epochs, --train-prompts, --samples-per-prompt, --val-prompts and --steps must be >= 1.")
+        parser.error("--epochs, --train_prompts, --samples_per_prompt, --val_prompts and --steps must be >= 1.")
     if args.eval_seeds < 2:
-        parser.error("--eval-seeds must be >= 2 (diversity compares samples of one prompt).")
+        parser.error("--eval_seeds must be >= 2 (diversity compares samples of one prompt).")
     return args
 
 
@@ -96,68 +95,6 @@ def split_scenes(num_train: int, num_val: int, seed: int) -> tuple[list, list]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class Denoiser:
-    """A UNet and text encoder of a pipeline; `adapters` switches its LoRA on or off (`None`: it has none)."""
-
-    pipeline: Any
-    adapters: bool | None = None
-
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        tokenizer = self.pipeline.tokenizer
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return self.pipeline.text_encoder(ids)[0]
-
-    def noise(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, guidance: float):
-        """Classifier-free-guided noise prediction; `embeds` holds the unconditional half first."""
-        unet = self.pipeline.unet
-        if self.adapters is not None:
-            unet.enable_adapters() if self.adapters else unet.disable_adapters()
-        uncond, cond = unet(torch.cat([latents, latents]), timestep, embeds).sample.chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-
-@torch.no_grad()
-def sample_with_kl(
-    policy: Denoiser, reference: Denoiser | None, prompts: list[str], seeds: list[int], args: argparse.Namespace
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample grids `(B, 3, H, W)` with DDIM (eta 1) from `policy`, and the KL estimate `(B,)` to `reference`.
-
-    Sample i's initial latent and step noise come from a generator seeded with `seeds[i]`, so every model starts
-    (prompt, seed) from the same noise. KL = mean over steps of log p_policy - log p_reference of the policy's own
-    transitions (0 without a reference).
-    """
-    from trl.models.modeling_sd_base import scheduler_step
-
-    pipe = policy.pipeline
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(args.steps)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
-
-    def embeddings(denoiser: Denoiser) -> torch.Tensor:
-        return torch.cat([denoiser.embed([""] * len(prompts)), denoiser.embed(prompts)])
-
-    policy_embeds = embeddings(policy)
-    reference_embeds = embeddings(reference) if reference is not None else None
-    kl = torch.zeros(len(prompts))
-    for timestep in scheduler.timesteps:
-        noise = policy.noise(latents, timestep, policy_embeds, args.guidance)
-        step = scheduler_step(scheduler, noise, timestep, latents, eta=1.0, generator=generators)
-        if reference is not None:
-            ref_noise = reference.noise(latents, timestep, reference_embeds, args.guidance)
-            ref = scheduler_step(scheduler, ref_noise, timestep, latents, eta=1.0, prev_sample=step.latents)
-            kl += (step.log_probs - ref.log_probs) / len(scheduler.timesteps)
-        latents = step.latents
-    if policy.adapters is not None:
-        pipe.unet.enable_adapters()
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return (images / 2 + 0.5).clamp(0, 1), kl
 
 
 def diversity(images: torch.Tensor) -> float:
@@ -372,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_and_single_threaded()
     from diffusers import StableDiffusionPipeline
 
+    from carve3d_trl.evaluation import sample_with_kl
     from carve3d_trl.rewards import MRCReward, instant3d_layout
     from carve3d_trl.toy import toy_model_path
 
@@ -393,14 +331,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [p for p in val_prompts for _ in seeds]
     sample_seeds = [1000 * i + s for i in range(len(val_prompts)) for s in seeds]
     num = (len(val_prompts), len(seeds))
+    # DDIM with eta 1, as DDPO samples; sample i's initial latent and step noise come from seed `sample_seeds[i]`
+    sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, eta=1.0)
     results: dict[str, dict[str, Any]] = {}
 
     results["data"] = evaluate(data_samples(val_scenes, seeds), torch.zeros(len(prompts)), scorers, *num)
     base = StableDiffusionPipeline.from_pretrained(toy_model_path("short"), torch_dtype=torch.float32)
     long = StableDiffusionPipeline.from_pretrained(toy_model_path("long"), torch_dtype=torch.float32)
-    images, kl = sample_with_kl(Denoiser(base), None, prompts, sample_seeds, args)
+    images, kl = sample_with_kl(base, prompts, sample_seeds, **sampling)
     results["base (short SFT)"] = evaluate(images, kl, scorers, *num)
-    images, kl = sample_with_kl(Denoiser(long), Denoiser(base), prompts, sample_seeds, args)
+    images, kl = sample_with_kl(long, prompts, sample_seeds, reference=base, **sampling)
     results["long SFT"] = evaluate(images, kl, scorers, *num)
     timings["evaluate data, base, long"] = time.time() - start
 
@@ -413,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timings[f"train {name}"] = time.time() - run_start
             pipe = trainer.sd_pipeline.sd_pipeline
             pipe.unet.eval()
-            images, kl = sample_with_kl(Denoiser(pipe, True), Denoiser(pipe, False), prompts, sample_seeds, args)
+            images, kl = sample_with_kl(pipe, prompts, sample_seeds, reference=pipe, **sampling)
             results[name] = evaluate(images, kl, scorers, *num)
             timings[f"evaluate {name}"] = time.time() - run_start - timings[f"train {name}"]
     results = {name: results[name] for name in SOURCES}

@@ -18,7 +18,7 @@ Two measurements, printed as markdown tables:
    once (`MALLOC_MMAP_THRESHOLD_`) so that the RSS follows the live tensors (see `bench_trainer.py`).
 
 Every process uses one torch thread (see `bench_trainer.py`). Usage:
-`python benchmarks/bench_sdxl.py [--rounds 5] [--image-size 64] [--vae-blocks 3] [--steps 10]` (`--help` for more).
+`python benchmarks/bench_sdxl.py [--rounds 5] [--image_size 64] [--vae_blocks 3] [--steps 10]` (`--help` for more).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 # this script's folder is on sys.path when it runs as `python benchmarks/bench_sdxl.py`
-from bench_trainer import (
+from harness import (
     PHASES,
     TimedTrainer,
     add_workload_arguments,
@@ -58,11 +58,11 @@ MEMORY_PHASES = {"sampling": "_generate_samples", "training": "_train_epoch"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; the hidden `--memory-family`/`--model-dir` run one memory measurement (subprocess)."""
+    """Command-line flags; the hidden `--memory_family`/`--model_dir` run one memory measurement (subprocess)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser)
-    parser.add_argument("--memory-family", choices=FAMILIES, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--memory_family", choices=FAMILIES, help=argparse.SUPPRESS)
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1.")
@@ -171,7 +171,7 @@ def record_peak(trainer: Any, method: str, phase: str, phases: dict[str, dict[st
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the `--memory-family` trainer in this (fresh) process, run one epoch and return each phase's peak."""
+    """Build the `--memory_family` trainer in this (fresh) process, run one epoch and return each phase's peak."""
     import torch
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -186,20 +186,20 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_memory_subprocesses(args: argparse.Namespace, models: dict[str, Path]) -> list[dict[str, Any]]:
-    """One fresh Python process per family (this script with `--memory-family`)."""
+    """One fresh Python process per family (this script with `--memory_family`)."""
     shared = [
-        f"--image-size={args.image_size}",
-        f"--vae-blocks={args.vae_blocks}",
+        f"--image_size={args.image_size}",
+        f"--vae_blocks={args.vae_blocks}",
         f"--steps={args.steps}",
-        f"--sample-batch-size={args.sample_batch_size}",
-        f"--batches-per-epoch={args.batches_per_epoch}",
-        f"--train-batch-size={args.train_batch_size}",
+        f"--sample_batch_size={args.sample_batch_size}",
+        f"--batches_per_epoch={args.batches_per_epoch}",
+        f"--train_batch_size={args.train_batch_size}",
     ]
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     results = []
     for family in FAMILIES:
-        command = [sys.executable, str(Path(__file__).resolve()), f"--memory-family={family}", *shared]
-        done = subprocess.run([*command, f"--model-dir={models[family]}"], capture_output=True, text=True, env=env)
+        command = [sys.executable, str(Path(__file__).resolve()), f"--memory_family={family}", *shared]
+        done = subprocess.run([*command, f"--model_dir={models[family]}"], capture_output=True, text=True, env=env)
         if done.returncode:
             raise RuntimeError(f"memory run {family} failed:\n{done.stderr[-4000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -235,13 +235,11 @@ def memory_table(results: list[dict[str, Any]]) -> str:
 
 
 def report_lines(args: argparse.Namespace) -> Iterator[str]:
-    """The environment lines of `bench_trainer.py`, for this workload and command."""
+    """The harness's environment lines, for this workload and command."""
     for line in environment_lines(args):
         if line.startswith("- Workload"):
             line = line.replace("tiny SD pipeline", "tiny SD and SDXL pipelines (same spec)")
             line = line.replace("mean-brightness reward", "mean-brightness reward, KL in the reward")
-        elif line.startswith("- Command"):
-            line = "- Command: `" + " ".join(["python benchmarks/bench_sdxl.py", *sys.argv[1:]]) + "`"
         yield line
 
 

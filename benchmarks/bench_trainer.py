@@ -19,87 +19,59 @@ Two measurements, printed as markdown tables:
 Every benchmark process calls `torch.set_num_threads(1)`: tiny models gain nothing from threads, and on a shared
 2-core machine a second OpenMP thread stalls badly whenever another process holds the other core.
 
-Usage: `python benchmarks/bench_trainer.py [--rounds 5] [--image-size 64] [--vae-blocks 3] [--steps 10]`
-(`--help` lists the batch flags, `--skip-timing` and `--skip-memory`).
+Usage: `python benchmarks/bench_trainer.py [--rounds 5] [--image_size 64] [--vae_blocks 3] [--steps 10]`
+(`--help` lists the batch flags, `--skip_timing` and `--skip_memory`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import logging
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import warnings
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# this script's folder is on sys.path when it runs as `python benchmarks/bench_trainer.py`
+from harness import (
+    PHASES,
+    TimedTrainer,
+    add_workload_arguments,
+    brightness_reward,
+    common_config,
+    current_rss_mb,
+    environment_lines,
+    log,
+    peak_rss_mb,
+    prompt_cycle,
+    quiet_and_single_threaded,
+    reset_peak_rss,
+    spread,
+    stopwatch,
+    unets_in_memory,
+)
+
 MEMORY_VARIANTS = ("lora-kl-off", "lora-kl-on", "full-kl-off", "full-kl-on")
-PROMPTS = ("a red cube", "a blue sphere", "a green cone", "a yellow torus")
-
-
-def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of the timed workload (tiny models, sampling and training sizes), shared with `bench_sdxl.py`."""
-    parser.add_argument("--rounds", type=int, default=5, help="Timed rounds (each times every trainer once).")
-    parser.add_argument("--image-size", type=int, default=64, help="Side of the tiny pipeline's images, pixels.")
-    parser.add_argument(
-        "--vae-blocks", type=int, default=3, help="VAE levels: the latent is image-size / 2**(vae-blocks - 1) wide."
-    )
-    parser.add_argument("--steps", type=int, default=10, help="Sampling (DDIM) steps per image.")
-    parser.add_argument("--sample-batch-size", type=int, default=4, help="Images per sampling batch.")
-    parser.add_argument("--batches-per-epoch", type=int, default=2, help="Sampling batches per epoch.")
-    parser.add_argument("--train-batch-size", type=int, default=4, help="Samples per train batch.")
-    parser.add_argument("--skip-timing", action="store_true", help="Only measure memory.")
-    parser.add_argument("--skip-memory", action="store_true", help="Only measure epoch times.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; the hidden `--memory-variant`/`--model-dir` run one memory measurement (subprocess)."""
+    """Command-line flags; the hidden `--memory_variant`/`--model_dir` run one memory measurement (subprocess)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser)
-    parser.add_argument("--memory-epochs", type=int, default=1, help="Epochs run per memory measurement.")
-    parser.add_argument("--memory-variant", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--memory_epochs", type=int, default=1, help="Epochs run per memory measurement.")
+    parser.add_argument("--memory_variant", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.memory_epochs < 1:
-        parser.error("--rounds, --steps and --memory-epochs must be >= 1.")
+        parser.error("--rounds, --steps and --memory_epochs must be >= 1.")
     return args
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-
-
-QUIET_LOGGERS = ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl")
-
-
-def quiet_and_single_threaded() -> None:
-    """One intra-op thread (see the module docstring) and no deprecation/progress chatter from the libraries."""
-    import torch
-
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def save_model(root: Path, args: argparse.Namespace) -> Path:
@@ -108,39 +80,6 @@ def save_model(root: Path, args: argparse.Namespace) -> Path:
 
     spec = TinyPipelineSpec(image_size=args.image_size, vae_blocks=args.vae_blocks)
     return save_tiny_pipeline(root / "tiny-sd", spec, seed=0)
-
-
-def brightness_reward(images: Any, prompts: tuple[str, ...], metadata: tuple[Any, ...]) -> tuple[Any, dict]:
-    """A cheap reward: mean brightness of each image `(B,)`."""
-    return images.mean(dim=(1, 2, 3)), {}
-
-
-def prompt_cycle() -> Callable[[], tuple[str, dict]]:
-    """A prompt function cycling through `PROMPTS` (each trainer gets its own, so all see the same prompts)."""
-    state = {"i": 0}
-
-    def prompt_fn() -> tuple[str, dict]:
-        prompt = PROMPTS[state["i"] % len(PROMPTS)]
-        state["i"] += 1
-        return prompt, {}
-
-    return prompt_fn
-
-
-def common_config(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
-    """DDPOConfig fields shared by every trainer: the same batches, steps, stat tracking and no checkpoints."""
-    return dict(
-        sample_num_steps=args.steps,
-        sample_batch_size=args.sample_batch_size,
-        sample_num_batches_per_epoch=args.batches_per_epoch,
-        train_batch_size=args.train_batch_size,
-        per_prompt_stat_tracking=True,
-        mixed_precision="no",
-        log_with=None,
-        save_freq=10**9,  # no checkpoint (TRL's `accelerator.save_state()` needs a project dir) during timing
-        logdir=str(logdir),
-        seed=0,
-    )
 
 
 def build_ddpo(args: argparse.Namespace, model_dir: Path, logdir: Path) -> Any:
@@ -173,70 +112,6 @@ def silence_progress_bars(trainer: Any) -> None:
 # ---------------------------------------------------------------------------------------------- epoch timing
 
 
-def synchronize() -> None:
-    """Wait for queued CUDA work (so that a GPU epoch is timed to its end); nothing on CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-PHASES = ("sampling", "kl_reference", "training", "other")
-
-
-@dataclass
-class TimedTrainer:
-    """A trainer being timed: its epoch counter and global step, and per recorded epoch its wall time, its CPU time
-    (this process's, which other processes' load disturbs far less) and the CPU time of each phase (seconds)."""
-
-    name: str
-    trainer: Any
-    epoch: int = 0
-    global_step: int = 0
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    _current: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    def __post_init__(self):
-        self._wrap("_generate_samples", "sampling")
-        self._wrap("_train_batched_samples", "training")
-        if hasattr(self.trainer, "reference_log_probs"):
-            self._wrap("reference_log_probs", "kl_reference")
-
-    def _wrap(self, method: str, phase: str) -> None:
-        """Shadow `trainer.<method>` with an instance attribute that adds its CPU time to `phase`."""
-        original = getattr(self.trainer, method)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._current[phase] += time.process_time() - start
-
-        setattr(self.trainer, method, timed)
-
-    def run_epoch(self, record: bool) -> float:
-        """Run one epoch (`trainer.step`); returns its wall time and, with `record`, keeps its times."""
-        gc.collect()
-        self._current.clear()
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.global_step = self.trainer.step(self.epoch, self.global_step)
-        synchronize()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        self.epoch += 1
-        if record:
-            self.wall.append(wall)
-            self.cpu.append(cpu)
-            # the reference pass runs inside `_generate_samples`: count it apart from sampling
-            self._current["sampling"] -= self._current.get("kl_reference", 0.0)
-            self._current["other"] = cpu - sum(self._current.values())
-            for phase in PHASES:
-                self.phases[phase].append(self._current.get(phase, 0.0))
-        return wall
-
-
 def time_epochs(args: argparse.Namespace, model_dir: Path, logdir: Path) -> tuple[list[TimedTrainer], list[float]]:
     """Build the three trainers, warm each up for one epoch, then time `--rounds` interleaved rounds; returns the
     trainers and the 1-minute load average after each round."""
@@ -257,11 +132,6 @@ def time_epochs(args: argparse.Namespace, model_dir: Path, logdir: Path) -> tupl
         loads.append(os.getloadavg()[0])
         log(f"round {round_index + 1}/{args.rounds}: {times}; load average {loads[-1]:.1f}")
     return timed, loads
-
-
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    """`median (min-max)` of `values`."""
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def paired_ratios(entry: TimedTrainer, baseline: TimedTrainer, kind: str) -> str:
@@ -300,61 +170,8 @@ def phase_table(timed: list[TimedTrainer]) -> str:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-def proc_status_mb(field_name: str) -> float | None:
-    """A memory field of `/proc/self/status` (`VmRSS`, `VmHWM`) in MB, or `None` where there is no `/proc`."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(f"{field_name}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def current_rss_mb() -> float:
-    """This process's resident set size now, in MB (falls back to the peak where there is no `/proc`)."""
-    rss = proc_status_mb("VmRSS")
-    return peak_rss_mb() if rss is None else rss
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB: `VmHWM` where `/proc` has it, else `ru_maxrss`.
-
-    `ru_maxrss` starts at the parent's RSS at `fork` time (Linux keeps it across `execve`) and survives a reset, so
-    in a child of a big benchmark process it reads the parent's size; `VmHWM` belongs to this process's own memory.
-    """
-    peak = proc_status_mb("VmHWM")
-    if peak is not None:
-        return peak
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the peak RSS to the current RSS (Linux >= 4.0: `/proc/self/clear_refs`), so that the peak is that of
-    what runs next rather than of start-up and model loading; returns whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return peak_rss_mb() <= current_rss_mb() + 1
-
-
-def unets_in_memory() -> tuple[int, float]:
-    """Number of `UNet2DConditionModel` objects alive in this process and their weights (parameters and
-    buffers, LoRA adapters included) in MB."""
-    from diffusers import UNet2DConditionModel
-
-    gc.collect()
-    unets = [obj for obj in gc.get_objects() if isinstance(obj, UNet2DConditionModel)]
-    nbytes = sum(t.numel() * t.element_size() for unet in unets for t in [*unet.parameters(), *unet.buffers()])
-    return len(unets), nbytes / 2**20
-
-
 def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
-    """Build one `--memory-variant` trainer in this (fresh) process, run `--memory-epochs` epochs, return memory."""
+    """Build one `--memory_variant` trainer in this (fresh) process, run `--memory_epochs` epochs, return memory."""
     import torch
 
     variant = args.memory_variant
@@ -389,23 +206,23 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_memory_subprocesses(args: argparse.Namespace, model_dir: Path) -> list[dict[str, Any]]:
-    """Run every memory variant in its own fresh Python process (this script with `--memory-variant`)."""
+    """Run every memory variant in its own fresh Python process (this script with `--memory_variant`)."""
     shared = [
-        f"--image-size={args.image_size}",
-        f"--vae-blocks={args.vae_blocks}",
+        f"--image_size={args.image_size}",
+        f"--vae_blocks={args.vae_blocks}",
         f"--steps={args.steps}",
-        f"--sample-batch-size={args.sample_batch_size}",
-        f"--batches-per-epoch={args.batches_per_epoch}",
-        f"--train-batch-size={args.train_batch_size}",
-        f"--memory-epochs={args.memory_epochs}",
-        f"--model-dir={model_dir}",
+        f"--sample_batch_size={args.sample_batch_size}",
+        f"--batches_per_epoch={args.batches_per_epoch}",
+        f"--train_batch_size={args.train_batch_size}",
+        f"--memory_epochs={args.memory_epochs}",
+        f"--model_dir={model_dir}",
     ]
     # Large blocks come from mmap and go back to the OS when freed, so the RSS follows the live tensors (as CUDA's
     # allocated bytes do) instead of glibc's free lists; without it, the same run's peak varies by +-10%.
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     results = []
     for variant in MEMORY_VARIANTS:
-        command = [sys.executable, str(Path(__file__).resolve()), f"--memory-variant={variant}", *shared]
+        command = [sys.executable, str(Path(__file__).resolve()), f"--memory_variant={variant}", *shared]
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:
             raise RuntimeError(f"memory variant {variant} failed:\n{done.stderr[-4000:]}")
@@ -442,40 +259,6 @@ def memory_table(results: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-
-
-def log(message: str) -> None:
-    """Progress on stderr, so that stdout holds only the markdown report."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def environment_lines(args: argparse.Namespace) -> Iterator[str]:
-    """The facts a reader needs to reproduce or compare the numbers."""
-    import torch
-    import trl
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    latent = args.image_size // 2 ** (args.vae_blocks - 1)
-    yield f"- Date: {datetime.date.today().isoformat()}; machine: {platform.machine()} {device}"
-    yield (
-        f"- torch {torch.__version__}, trl {trl.__version__}, python {platform.python_version()}; "
-        f"torch.set_num_threads(1) (threads now: {torch.get_num_threads()})"
-    )
-    yield (
-        f"- Workload: tiny SD pipeline {args.image_size}x{args.image_size} (latent {latent}x{latent}), "
-        f"{args.steps} DDIM steps, "
-        f"{args.batches_per_epoch} x {args.sample_batch_size} samples per epoch, train batch {args.train_batch_size} "
-        f"(one update per epoch), CFG 5.0 in sampling and training, LoRA rank 4, fp32, mean-brightness reward"
-    )
-    yield "- Command: `" + " ".join(["python benchmarks/bench_trainer.py", *sys.argv[1:]]) + "`"
-
-
-@contextmanager
-def stopwatch(label: str) -> Iterator[None]:
-    """Log how long the block took."""
-    start = time.perf_counter()
-    yield
-    log(f"{label}: {time.perf_counter() - start:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

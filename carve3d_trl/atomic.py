@@ -1,4 +1,4 @@
-"""Crash-safe writes of files and folders, and bookkeeping of numbered checkpoint folders.
+"""Crash-safe writes and deletions of files and folders, and the clean-up of what a killed writer left behind.
 
 Every write goes to a temporary sibling whose name starts with ``.tmp-`` and is renamed into place only once it is
 complete and fsynced, so a crash (exception, SIGKILL, power loss) never leaves a half-written file or a folder that
@@ -121,43 +121,14 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def _checkpoint_number(path: Path, prefix: str) -> int | None:
-    if not path.name.startswith(prefix):
-        return None
-    suffix = path.name[len(prefix) :]
-    return int(suffix) if re.fullmatch(r"[0-9]+", suffix) and path.is_dir() else None
-
-
-def list_checkpoints(root: str | os.PathLike[str], prefix: str = "checkpoint_") -> list[Path]:
-    """Folders ``<root>/<prefix><int>`` sorted by their number; temporary and unparsable entries are ignored."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    numbered = [(n, p) for p in root.iterdir() if (n := _checkpoint_number(p, prefix)) is not None]
-    return [p for _, p in sorted(numbered)]
-
-
-def latest_checkpoint(root: str | os.PathLike[str], prefix: str = "checkpoint_") -> Path | None:
-    """The highest-numbered checkpoint folder under ``root``, or None."""
-    checkpoints = list_checkpoints(root, prefix)
-    return checkpoints[-1] if checkpoints else None
-
-
-def prune_checkpoints(root: str | os.PathLike[str], limit: int | None, prefix: str = "checkpoint_") -> list[Path]:
-    """Delete all but the newest ``limit`` checkpoints (``None`` or ``<= 0`` keeps all); return the deleted paths.
-
-    Each folder is first renamed to a ``.tmp-`` name, so an interrupted deletion never leaves a partial checkpoint.
-    """
-    if limit is None or limit <= 0:
-        return []
-    doomed = list_checkpoints(root, prefix)[:-limit]
-    for path in doomed:
-        trash = _temp_sibling(path, "del")
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    if doomed:
-        _fsync_dir(Path(root))
-    return doomed
+def atomic_remove_directory(path: str | os.PathLike[str]) -> None:
+    """Delete a folder, first renaming it to a ``.tmp-`` name, so an interrupted deletion never leaves a partial
+    folder under its real name."""
+    path = Path(path)
+    trash = _temp_sibling(path, "del")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    _fsync_dir(path.parent)
 
 
 def clean_stale_temp_dirs(root: str | os.PathLike[str]) -> list[Path]:

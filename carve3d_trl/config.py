@@ -104,7 +104,7 @@ class Carve3DConfig(DDPOConfig):
                 f"`prompt_dataset_size` must be >= 0 (0 uses all prompts), got {self.prompt_dataset_size}."
             )
         if self.resume_from:
-            from .checkpoints import resolve_checkpoint
+            from .run_state import resolve_checkpoint
 
             resolve_checkpoint(self.resume_from)  # a missing checkpoint fails here, before any model loads
 

@@ -1,11 +1,11 @@
 """Sample images of each DDPO epoch for the experiment tracker: the grid, the renders of its reconstruction, captions.
 
 `ImageSamplesLogger` is an `image_samples_hook` for `Carve3DTrainer` (and TRL's `DDPOTrainer`): it is called as
-`hook(prompt_image_data, global_step, tracker)` with `prompt_image_data` a list of
-`[images (B, 3, H, W), prompts, prompt_metadata, rewards (B,), reward_metadata]` batches. It logs the first samples of
-the epoch as panels, each the generated grid beside the renders of its reconstruction (from
-`reward_metadata["renders"]` when the reward provides them, tiled in the grid's layout), captioned with the prompt, the
-reward and the MRC:
+`hook(prompt_image_data, global_step, tracker)` with `prompt_image_data` a list of [`~carve3d_trl.batches.ScoredBatch`]
+`(images (B, 3, H, W), prompts, prompt_metadata, rewards (B,), reward_metadata)`. It logs the first samples of
+the epoch as panels, each the generated grid beside the renders of its reconstruction (the `renders` of the reward's
+[`~carve3d_trl.rewards.RewardMetadata`] when it provides them, tiled in the grid's layout), captioned with the
+prompt, the reward and the MRC:
 
 - to TensorBoard (`tracker.name == "tensorboard"`): one image per sample (`<tag>/<i>`) and a caption table (text);
 - to Weights & Biases (`tracker.name == "wandb"`): `tracker.log({tag: [wandb.Image(panel, caption=...)]}, step=...)`;
@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .batches import ScoredBatch
+from .rewards.metadata import RewardMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +124,15 @@ def _item(values: Any, index: int) -> float | None:
 
 
 def collect_samples(
-    prompt_image_data: Sequence[Sequence[Any]],
+    prompt_image_data: Sequence[ScoredBatch],
     limit: int,
     grid: tuple[int, int] | None = None,
     background: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> list[LoggedSample]:
-    """The first `limit` samples of `[images, prompts, prompt_metadata, rewards, reward_metadata]` batches."""
+    """The first `limit` samples of the scored batches (with the renders and MRC of a [`RewardMetadata`])."""
     samples: list[LoggedSample] = []
     for images, prompts, _, rewards, reward_metadata in prompt_image_data:
-        metadata = reward_metadata if isinstance(reward_metadata, dict) else {}
+        metadata: RewardMetadata = reward_metadata if isinstance(reward_metadata, dict) else {}
         renders, mrc = metadata.get("renders"), metadata.get("mrc")
         for i in range(min(limit - len(samples), len(prompts))):
             image = images[i].detach().float().cpu().clamp(0, 1)
@@ -182,7 +184,7 @@ class ImageSamplesLogger:
         self.process_index = process_index
         self._warned: set[str] = set()
 
-    def __call__(self, prompt_image_data: Sequence[Sequence[Any]], global_step: int, tracker: Any = None) -> None:
+    def __call__(self, prompt_image_data: Sequence[ScoredBatch], global_step: int, tracker: Any = None) -> None:
         if tracker is None and self.save_dir is None:
             return
         samples = collect_samples(prompt_image_data, self.num_samples, self.grid, self.background)

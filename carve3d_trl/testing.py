@@ -8,10 +8,13 @@ multi-view reward runs on them. Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
+import importlib.util
 import string
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -218,3 +221,14 @@ def save_tiny_sdxl_pipeline(path: str | Path, spec: TinyPipelineSpec | None = No
     path = Path(path)
     build_tiny_sdxl_pipeline(spec, seed).save_pretrained(path)
     return path
+
+
+def load_script(path: str | Path) -> ModuleType:
+    """Import a self-contained script (an `examples/` or `benchmarks/` file) from its path as a module, for tests that
+    call its functions in-process; nothing is added to `sys.path`."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

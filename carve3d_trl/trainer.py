@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -15,23 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from trl import DDPOConfig, DDPOTrainer
 from trl.models import DDPOStableDiffusionPipeline
 
-from .atomic import atomic_directory, atomic_write_json, clean_stale_temp_dirs, prune_checkpoints
-from .checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, resolve_checkpoint
-from .conditioning import (
-    Conditioning,
-    concat_conditioning,
-    conditioner_of,
-    guided_noise,
-    repeat_conditioning,
-    split_conditioning,
-)
+from .atomic import atomic_directory
+from .batches import SampledBatch, ScoredBatch
 from .config import Carve3DConfig
 from .distributed import ensure_process_state
-from .export import save_samples, save_unet_weights
 from .hub import push_folder_to_hub
 from .image_logging import LoggedSample, collect_samples
 from .interrupts import (
@@ -42,16 +31,25 @@ from .interrupts import (
     restore_rng_states,
     stop_on_signals,
 )
-from .model_card import ModelCardInfo, write_model_card
-from .pipelines import load_lora_into_unet_adapter
+from .kl import KLMode, KLReference
+from .model_folder import write_model_folder
+from .pipelines import (
+    Conditioning,
+    concat_conditioning,
+    conditioner_of,
+    guided_noise,
+    load_lora_into_unet_adapter,
+    repeat_conditioning,
+    sample_with_log_probs,
+    split_conditioning,
+)
 from .prompts import PromptCycler, load_prompts
-from .sampling import sample_with_log_probs
+from .rewards.metadata import per_sample_values
+from .run_state import RunCheckpoints, resolve_checkpoint
 from .stats import PromptStatTracker, compute_advantages
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "carve3d_config.json"
-HISTORY_NAME = "training_history.json"
 NUM_CARD_SAMPLES = 4
 
 
@@ -78,8 +76,13 @@ class Carve3DTrainer(DDPOTrainer):
             call. Optional when `config.prompt_dataset` names a dataset: the trainer then cycles through its prompts.
         sd_pipeline ([`~trl.DDPOStableDiffusionPipeline`]): The pipeline to fine-tune.
         image_samples_hook (`Callable[[list, int, Any], Any]`, *optional*): Called each epoch with the
-            `[images, prompts, prompt_metadata, rewards, reward_metadata]` batches, the global step and the first
-            tracker (`None` when no tracker runs on this process).
+            [`ScoredBatch`] list (`images, prompts, prompt_metadata, rewards, reward_metadata` each), the global step
+            and the first tracker (`None` when no tracker runs on this process).
+
+    Every per-sample tensor `(B,)` a reward returns in its metadata dict is logged as `<key>_mean` (MRC's `mrc` as
+    `mrc_mean`). Of TRL's `DDPOTrainer` methods, `train`, `step`, `compute_rewards`, `calculate_loss`, `loss`,
+    `save_pretrained` and `push_to_hub` work here; `create_model_card`, `_save_checkpoint`, `from_pretrained` and
+    `generate_model_card` raise an error naming the method to use instead.
     """
 
     _tag_names = ["trl", "ddpo", "carve3d"]
@@ -106,15 +109,18 @@ class Carve3DTrainer(DDPOTrainer):
         self.card_samples: list[LoggedSample] = []
         self.global_step = 0
         self.stop_request = StopRequest()
+        self.kl_mode = KLMode.from_config(config)
         self._epoch_updated = False  # whether the current epoch has changed the weights yet
         self._sampling_epoch = 0  # seeds the sampling noise (see `_sample_generators`)
 
         resume_dir = resolve_checkpoint(config.resume_from) if config.resume_from else None
         self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
         project_config = ProjectConfiguration(**config.project_kwargs)
-        self.checkpoint_dir = Path(project_config.project_dir or config.logdir) / "checkpoints"
+        self.checkpoints = RunCheckpoints(
+            Path(project_config.project_dir or config.logdir) / "checkpoints", config.num_checkpoint_limit
+        )
         if state.is_main_process:
-            clean_stale_temp_dirs(self.checkpoint_dir)
+            self.checkpoints.clean()
         project_config.automatic_checkpoint_naming = False  # checkpoints are named and rotated here
         self.accelerator = Accelerator(
             log_with=config.log_with,
@@ -147,10 +153,11 @@ class Carve3DTrainer(DDPOTrainer):
         # A fully trained UNet keeps fp32 weights (autocast computes in half precision); TRL casts it to fp16.
         self.sd_pipeline.unet.to(self.accelerator.device, dtype=inference_dtype if use_lora else torch.float32)
 
-        self.reference_unet = None
-        if self.computes_kl and not use_lora:
-            self.reference_unet = copy.deepcopy(self.sd_pipeline.unet).requires_grad_(False).eval()
-            self.reference_unet.to(dtype=inference_dtype)
+        self.kl_reference = None
+        if self.kl_mode.computes_reference:
+            self.kl_reference = KLReference(
+                self.sd_pipeline, self.conditioner, frozen_copy=not use_lora, dtype=inference_dtype
+            )
 
         trainable_layers = self.sd_pipeline.get_trainable_layers()
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
@@ -167,7 +174,7 @@ class Carve3DTrainer(DDPOTrainer):
 
         stat_sizes = (config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
         self.stat_tracker = PromptStatTracker(*stat_sizes) if config.per_prompt_stat_tracking else None
-        kl_per_prompt = config.kl_penalty and config.kl_in_reward and config.kl_per_prompt_stat_tracking
+        kl_per_prompt = self.kl_mode is KLMode.IN_REWARD and config.kl_per_prompt_stat_tracking
         self.kl_stat_tracker = PromptStatTracker(*stat_sizes) if kl_per_prompt else None
 
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
@@ -183,14 +190,17 @@ class Carve3DTrainer(DDPOTrainer):
 
         self.first_epoch = 0
         if resume_dir is not None:
-            self._load_checkpoint(resume_dir)
+            state = self.checkpoints.load(self.accelerator, resume_dir)
+            self.load_trainer_state_dict(state)
+            self.first_epoch = int(state["epoch"]) + 1
 
     # ------------------------------------------------------------------ set-up helpers
 
     @property
-    def computes_kl(self) -> bool:
-        """Whether sampling also computes the base model's log-probabilities (for the penalty or for logging)."""
-        return self.config.kl_penalty or self.config.kl_log
+    def reference_unet(self) -> torch.nn.Module | None:
+        """The frozen copy of the base UNet (full fine-tuning with the KL on); `None` with LoRA, whose reference is
+        the trained UNet with its adapters disabled."""
+        return self.kl_reference.frozen_unet if self.kl_reference is not None else None
 
     def _prompt_function_from_dataset(self, state: PartialState) -> Callable[[], tuple[str, Any]]:
         config = self.config
@@ -207,19 +217,6 @@ class Carve3DTrainer(DDPOTrainer):
         )
         return self.prompt_cycler
 
-    @contextlib.contextmanager
-    def reference_unet_scope(self) -> Iterator[torch.nn.Module]:
-        """Yield the base (reference) UNet: the frozen copy, or the trained UNet with its LoRA adapters disabled."""
-        if self.reference_unet is not None:
-            yield self.reference_unet
-            return
-        unet = self.sd_pipeline.unet
-        unet.disable_adapters()
-        try:
-            yield unet
-        finally:
-            unet.enable_adapters()
-
     # ------------------------------------------------------------------ sampling and rewards
 
     def _generate_samples(self, iterations: int, batch_size: int):
@@ -233,7 +230,7 @@ class Carve3DTrainer(DDPOTrainer):
             samples (`list[dict[str, torch.Tensor]]`): per batch, the conditioning tensors (e.g. `prompt_embeds`) and
             their `negative_*` counterparts, `timesteps` `(B, T)`, `latents`/`next_latents` `(B, T, C, h, w)`,
             `log_probs` `(B, T)`, `ref_log_probs` `(B, T)` when the KL is computed, and `prompts` (`list[str]`).
-            prompt_image_pairs (`list[list]`): `[images (B, 3, H, W), prompts, prompt_metadata]` per batch.
+            prompt_image_pairs (`list[SampledBatch]`): `(images (B, 3, H, W), prompts, prompt_metadata)` per batch.
         """
         config = self.config
         samples, prompt_image_pairs = [], []
@@ -262,11 +259,11 @@ class Carve3DTrainer(DDPOTrainer):
                 "next_latents": latents[:, 1:],
                 "log_probs": torch.stack(output.log_probs, dim=1),
             }
-            if self.computes_kl:
+            if self.kl_reference is not None:
                 sample["ref_log_probs"] = self.reference_log_probs(sample)
             sample["prompts"] = list(prompts)
             samples.append(sample)
-            prompt_image_pairs.append([output.images, prompts, prompt_metadata])
+            prompt_image_pairs.append(SampledBatch(output.images, prompts, prompt_metadata))
         return samples, prompt_image_pairs
 
     def _sample_generators(self, batch_index: int, batch_size: int) -> list[torch.Generator]:
@@ -283,32 +280,20 @@ class Carve3DTrainer(DDPOTrainer):
         keys = self.conditioner.keys
         return {k: sample[k] for k in keys}, {k: sample[f"negative_{k}"] for k in keys}
 
-    @torch.no_grad()
     def reference_log_probs(self, sample: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Log-probability `(B, T)` of each sampled transition `x_t -> x_{t-1}` under the base model.
-
-        The base model sees the same `x_t`, timestep, prompt embeddings and classifier-free guidance as the sampler,
-        and the DDIM step scores the `x_{t-1}` that was actually sampled.
-        """
-        guidance = self.config.sample_guidance_scale
+        """Log-probability `(B, T)` of each sampled transition `x_t -> x_{t-1}` under the base model, with the same
+        `x_t`, timestep, conditioning and classifier-free guidance as the sampler ([`KLReference.log_probs`])."""
         conditioning, negative = self._split_conditioning(sample)
-        negative = negative if guidance > 1.0 else None
-        log_probs = []
-        with self.reference_unet_scope() as unet, self.autocast():
-            for j in range(sample["timesteps"].shape[1]):
-                timestep = sample["timesteps"][0, j]  # one schedule per batch, exactly as the sampler used it
-                latents = sample["latents"][:, j]
-                noise_pred = guided_noise(unet, self.conditioner, latents, timestep, conditioning, negative, guidance)
-                log_probs.append(
-                    self.sd_pipeline.scheduler_step(
-                        noise_pred,
-                        timestep,
-                        sample["latents"][:, j],
-                        eta=self.config.sample_eta,
-                        prev_sample=sample["next_latents"][:, j],
-                    ).log_probs
-                )
-        return torch.stack(log_probs, dim=1)
+        return self.kl_reference.log_probs(
+            sample["timesteps"][0],  # one schedule per batch, exactly as the sampler used it
+            sample["latents"],
+            sample["next_latents"],
+            conditioning,
+            negative,
+            guidance_scale=self.config.sample_guidance_scale,
+            eta=self.config.sample_eta,
+            autocast=self.autocast,
+        )
 
     def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
         """Rewards per sampled batch: `(rewards, reward_metadata)` tuples, as in TRL (whose async mode crashes)."""
@@ -338,12 +323,11 @@ class Carve3DTrainer(DDPOTrainer):
         prompts = [p for s in samples for p in s.pop("prompts")]
         samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
         rewards, rewards_metadata = self.compute_rewards(prompt_image_data, is_async=config.async_reward_computation)
-        for i, image_data in enumerate(prompt_image_data):
-            image_data.extend([rewards[i], rewards_metadata[i]])
+        scored = [ScoredBatch(*batch, r, m) for batch, r, m in zip(prompt_image_data, rewards, rewards_metadata)]
         if self.image_samples_callback is not None:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
-            self.image_samples_callback(prompt_image_data, global_step, tracker)
-        self.card_samples = collect_samples(prompt_image_data, NUM_CARD_SAMPLES)
+            self.image_samples_callback(scored, global_step, tracker)
+        self.card_samples = collect_samples(scored, NUM_CARD_SAMPLES)
 
         all_rewards = self.accelerator.gather(torch.cat(rewards)).cpu().numpy()
         all_prompts = gather_object(prompts)
@@ -351,15 +335,14 @@ class Carve3DTrainer(DDPOTrainer):
         if "ref_log_probs" in samples:
             kl = self.accelerator.gather((samples["log_probs"] - samples["ref_log_probs"]).mean(dim=1))
             kl = kl.float().cpu().numpy()
-        self._log_epoch(epoch, global_step, all_rewards, kl, rewards_metadata)
+        self._log_epoch(epoch, global_step, all_rewards, kl, scored)
         self._raise_if_stop_requested()
 
-        use_kl_in_reward = config.kl_penalty and config.kl_in_reward and kl is not None
         advantages = compute_advantages(
             all_prompts,
             all_rewards,
             self.stat_tracker,
-            kl=kl if use_kl_in_reward else None,
+            kl=kl if self.kl_mode is KLMode.IN_REWARD else None,
             kl_tracker=self.kl_stat_tracker,
             kl_coeff=config.kl_normalized_coeff,
         )
@@ -368,7 +351,7 @@ class Carve3DTrainer(DDPOTrainer):
             .reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
             .to(self.accelerator.device)
         )
-        if not (config.kl_penalty and not config.kl_in_reward):
+        if self.kl_mode is not KLMode.IN_LOSS:
             samples.pop("ref_log_probs", None)  # only the in-loss KL needs it during training
 
         if not (config.warmup_first_epoch and epoch == 0):
@@ -402,7 +385,10 @@ class Carve3DTrainer(DDPOTrainer):
                 raise ValueError("An optimizer step should have been taken at the end of the inner epoch.")
         return global_step
 
-    def _log_epoch(self, epoch, global_step, rewards: np.ndarray, kl: np.ndarray | None, rewards_metadata) -> None:
+    def _log_epoch(
+        self, epoch: int, global_step: int, rewards: np.ndarray, kl: np.ndarray | None, scored: list[ScoredBatch]
+    ) -> None:
+        """Log and record (in `history`) the epoch's reward, KL and per-sample reward metadata statistics."""
         finite = rewards[np.isfinite(rewards)]
         invalid = int(rewards.size - finite.size)
         summary = {"epoch": epoch, "reward_mean": _mean(finite), "reward_std": _std(finite), "reward_invalid": invalid}
@@ -418,15 +404,20 @@ class Carve3DTrainer(DDPOTrainer):
         if kl is not None:
             summary.update(kl_mean=float(kl.mean()), kl_std=float(kl.std()))
             logs.update(kl=kl, kl_mean=summary["kl_mean"], kl_std=summary["kl_std"])
-        mrc = [m["mrc"] for m in rewards_metadata if isinstance(m, dict) and "mrc" in m]
-        if mrc:
-            mrc = self.accelerator.gather(torch.cat(mrc).to(self.accelerator.device)).float().cpu().numpy()
-            summary["mrc_mean"] = _mean(mrc[np.isfinite(mrc)])
-            logs["mrc_mean"] = summary["mrc_mean"]
+        for key, values in self._per_sample_metadata(scored).items():
+            values = self.accelerator.gather(values.to(self.accelerator.device)).cpu().numpy()
+            summary[f"{key}_mean"] = logs[f"{key}_mean"] = _mean(values[np.isfinite(values)])
         self.history.append(summary)
         self.accelerator.log(logs, step=global_step)
         if self.accelerator.is_main_process:
             logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+    @staticmethod
+    def _per_sample_metadata(scored: list[ScoredBatch]) -> dict[str, torch.Tensor]:
+        """Every per-sample value the reward returned in its metadata, over this process's batches, by key."""
+        per_batch = [per_sample_values(batch.reward_metadata, len(batch.prompts)) for batch in scored]
+        keys = [key for key in per_batch[0] if all(key in values for values in per_batch)] if per_batch else []
+        return {key: torch.cat([values[key] for values in per_batch]) for key in keys}
 
     def _progress(self, items, description: str):
         """A progress bar over `items` on the local main process (the epoch bar stays, the others clear)."""
@@ -590,28 +581,9 @@ class Carve3DTrainer(DDPOTrainer):
             self.prompt_cycler.load_state_dict(state["prompt_cycler"])
 
     def save_checkpoint(self, epoch: int) -> Path:
-        """Save a resumable checkpoint of the run after `epoch` as `<checkpoint_dir>/checkpoint_<epoch>`.
-
-        Every process takes part (each saves its random states); the main process writes the rest into a temporary
-        folder renamed into place once all are done, so an interrupted save never leaves a folder that looks like a
-        checkpoint. Only the newest `num_checkpoint_limit` checkpoints are kept.
-        """
-        path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{epoch}"
-        if self.accelerator.is_main_process:
-            with atomic_directory(path) as tmp:
-                self._save_state_on_every_process(tmp)
-                atomic_write_json(tmp / TRAINER_STATE_NAME, {"epoch": epoch, **self.trainer_state_dict()})
-            prune_checkpoints(self.checkpoint_dir, self.config.num_checkpoint_limit, prefix=CHECKPOINT_PREFIX)
-        else:
-            self._save_state_on_every_process(None)
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def _save_state_on_every_process(self, folder: Path | None) -> None:
-        """`accelerator.save_state` on every process into the main process's `folder`."""
-        (target,) = broadcast_object_list([str(folder) if folder is not None else None])
-        self.accelerator.save_state(target)
-        self.accelerator.wait_for_everyone()
+        """Save a resumable checkpoint of the run after `epoch` (`<logdir>/checkpoints/checkpoint_<epoch>`, written
+        atomically, the newest `num_checkpoint_limit` kept; [`RunCheckpoints.save`]). Every process must call it."""
+        return self.checkpoints.save(self.accelerator, epoch, self.trainer_state_dict())
 
     def _save_model_hook(self, models, weights, output_dir):
         if self.accelerator.is_main_process:  # accelerate calls the hook on every process
@@ -640,7 +612,16 @@ class Carve3DTrainer(DDPOTrainer):
         save_directory = Path(save_directory)
         if self.accelerator.is_main_process:
             with atomic_directory(save_directory) as tmp:
-                self._write_model_folder(tmp, config, repo_id, model_card_kwargs or {})
+                write_model_folder(
+                    tmp,
+                    self.sd_pipeline,
+                    training_config=config if config is not None else self.config.to_dict(),
+                    history=self.history,
+                    samples=self.card_samples,
+                    repo_id=repo_id,
+                    prompt_dataset=self.config.prompt_dataset or None,
+                    card_overrides=model_card_kwargs,
+                )
         self.accelerator.wait_for_everyone()
         if push_to_hub:
             if repo_id is None:
@@ -687,24 +668,6 @@ class Carve3DTrainer(DDPOTrainer):
         self.accelerator.wait_for_everyone()
         return url
 
-    def _write_model_folder(self, folder: Path, config: dict | None, repo_id: str | None, card: dict) -> None:
-        save_unet_weights(self.sd_pipeline, folder)
-        training_config = config if config is not None else self.config.to_dict()
-        atomic_write_json(folder / CONFIG_NAME, training_config)
-        atomic_write_json(folder / HISTORY_NAME, self.history)
-        info = ModelCardInfo(
-            base_model=str(getattr(self.sd_pipeline, "pretrained_model", "")),
-            pipeline_class=type(self.sd_pipeline.sd_pipeline).__name__,  # the diffusers class that loads the LoRA
-            repo_id=repo_id,
-            prompt_dataset=self.config.prompt_dataset or None,
-            training_config={**training_config, "lora_rank": getattr(self.sd_pipeline, "lora_rank", None)},
-            history=self.history,
-            samples=save_samples(self.card_samples, folder),
-        )
-        for key, value in card.items():
-            setattr(info, key, value)
-        write_model_card(folder, info)
-
     def _load_model_hook(self, models, input_dir):
         if getattr(self.sd_pipeline, "use_lora", False):
             load_lora_into_unet_adapter(self.sd_pipeline.unet, input_dir)
@@ -712,12 +675,43 @@ class Carve3DTrainer(DDPOTrainer):
         else:
             super()._load_model_hook(models, input_dir)
 
-    def _load_checkpoint(self, path: Path) -> None:
-        logger.info("Resuming from %s", path)
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / TRAINER_STATE_NAME).read_text())
-        self.load_trainer_state_dict(state)
-        self.first_epoch = int(state["epoch"]) + 1
+    # ------------------------------------------------------------------ TRL methods that cannot work here
+
+    def _save_pretrained(self, save_directory) -> None:
+        """TRL's hub-mixin hook: the working [`save_pretrained`]."""
+        self.save_pretrained(save_directory)
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL's card code is written for `transformers.Trainer`; the card comes with [`save_pretrained`]."""
+        raise NotImplementedError(
+            "Carve3DTrainer.create_model_card is TRL's transformers.Trainer code and cannot work here; "
+            "`trainer.save_pretrained(folder)` writes the model card (README.md) with the weights."
+        )
+
+    def generate_model_card(self, *args, **kwargs):
+        """The hub mixin's card; the card comes with [`save_pretrained`]."""
+        raise NotImplementedError(
+            "Carve3DTrainer.generate_model_card cannot describe a DDPO run; "
+            "`trainer.save_pretrained(folder)` writes the model card (README.md) with the weights."
+        )
+
+    def _save_checkpoint(self, *args, **kwargs):
+        """TRL's `transformers.Trainer` checkpoint hook; checkpoints are [`save_checkpoint`]'s."""
+        raise NotImplementedError(
+            "Carve3DTrainer._save_checkpoint is TRL's transformers.Trainer hook and cannot work here; "
+            "use `trainer.save_checkpoint(epoch)` (resume with Carve3DConfig(resume_from=...))."
+        )
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """The hub mixin's loader cannot rebuild a trainer from a saved model folder."""
+        raise NotImplementedError(
+            "Carve3DTrainer.from_pretrained cannot rebuild a trainer. Load a trained LoRA with diffusers "
+            "(`pipe.load_lora_weights(folder)`, see the model card), or resume a run with "
+            "Carve3DConfig(resume_from='<logdir or checkpoint>')."
+        )
+
+    _from_pretrained = from_pretrained
 
 
 def _mean(values: np.ndarray) -> float:

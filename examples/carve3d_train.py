@@ -30,7 +30,7 @@ import torch
 from trl import TrlParser
 
 from carve3d_trl import Carve3DConfig, Carve3DTrainer, ImageSamplesLogger, load_ddpo_pipeline
-from carve3d_trl.families import FAMILIES
+from carve3d_trl.pipelines import FAMILIES
 from carve3d_trl.rewards import MRCReward
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
 from carve3d_trl.toy import toy_model_path

@@ -22,7 +22,7 @@ dataset repo.
         --prompt_dataset candidates.txt --num_seeds 4 --keep 30 --validation_split \
         --output_dir outputs/carve3d-prompts --push_to_hub --hub_dataset_id <user>/carve3d-prompts
 
-Sampling, scoring and their flags are shared with `examples/evaluate_mrc.py` (imported from beside this file).
+Sampling, scoring and their flags are shared with `examples/evaluate_mrc.py` (both from `carve3d_trl.evaluation`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from evaluate_mrc import (
+from huggingface_hub import HfApi
+from transformers import HfArgumentParser
+
+from carve3d_trl.atomic import atomic_directory
+from carve3d_trl.evaluation import (
     ModelArguments,
     PromptArguments,
     SamplingArguments,
@@ -47,14 +51,11 @@ from evaluate_mrc import (
     resolve_device,
     score_prompts,
 )
-from huggingface_hub import HfApi
-from transformers import HfArgumentParser
-
-from carve3d_trl.atomic import atomic_directory
 from carve3d_trl.hub import push_folder_to_hub, validate_repo_id
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
 
 logger = logging.getLogger("curate_prompts")
+EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "toy_scenes.txt"
 COLUMNS = ("prompt", "mrc_mean", "mrc_std")
 CURATION_FILE = "curation.json"
 
@@ -173,6 +174,7 @@ def write_dataset(
 
 def parse_args(argv: Sequence[str] | None = None):
     parser = HfArgumentParser((ModelArguments, PromptArguments, SamplingArguments, MRCArguments, CurateArguments))
+    parser.set_defaults(prompt_dataset=str(EXAMPLE_PROMPTS))
     return parser.parse_args_into_dataclasses(args=argv)
 
 

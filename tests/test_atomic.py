@@ -15,10 +15,8 @@ from carve3d_trl.atomic import (
     atomic_write_json,
     atomic_write_text,
     clean_stale_temp_dirs,
-    latest_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
 )
+from carve3d_trl.run_state import latest_checkpoint, list_checkpoints, prune_checkpoints
 
 ATOMIC_PY = Path(atomic.__file__)
 

@@ -17,19 +17,15 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from carve3d_trl import Carve3DStableDiffusionPipeline, load_prompts
-from carve3d_trl.export import save_unet_weights
+from carve3d_trl import Carve3DStableDiffusionPipeline, evaluation, load_prompts
 from carve3d_trl.hub import HubUploadError, push_folder_to_hub
-from carve3d_trl.pipelines_sdxl import Carve3DStableDiffusionXLPipeline
+from carve3d_trl.pipelines import Carve3DStableDiffusionXLPipeline, save_unet_weights
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
-from carve3d_trl.testing import TinyPipelineSpec, save_tiny_sdxl_pipeline
+from carve3d_trl.testing import TinyPipelineSpec, load_script, save_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(
-    0, str(ROOT / "examples")
-)  # the scripts import each other as plain modules, like `python examples/x.py`
-import curate_prompts  # noqa: E402
-import evaluate_mrc  # noqa: E402
+evaluate_mrc = load_script(ROOT / "examples" / "evaluate_mrc.py")
+curate_prompts = load_script(ROOT / "examples" / "curate_prompts.py")
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a wooden chair"]
 RECONSTRUCTOR = json.dumps({"steps": 3, "fit_size": 16, "plane_resolution": 8, "samples_per_ray": 8})
@@ -131,44 +127,44 @@ def test_evaluate_detects_an_sdxl_model_and_applies_its_lora(prompt_file, tmp_pa
     tuned = np.array([row["mrc_finetuned"] for row in table])
     assert len(table) == 2 and np.isfinite(base).all() and not np.allclose(base, tuned)
     assert summary["settings"]["pipeline_family"] == "auto"
-    sampling = evaluate_mrc.SamplingArguments(device="cpu")
+    sampling = evaluation.SamplingArguments(device="cpu")
     for family in ("auto", "sdxl"):
-        model_args = evaluate_mrc.ModelArguments(str(model), pipeline_family=family)
-        assert type(evaluate_mrc.load_pipeline(model_args, sampling, "cpu")).__name__ == "StableDiffusionXLPipeline"
+        model_args = evaluation.ModelArguments(str(model), pipeline_family=family)
+        assert type(evaluation.load_pipeline(model_args, sampling, "cpu")).__name__ == "StableDiffusionXLPipeline"
 
 
 def test_evaluate_rejects_an_unknown_pipeline_family():
     with pytest.raises(ValueError, match="--pipeline_family must be one of"):
-        evaluate_mrc.ModelArguments("some/model", pipeline_family="sd3")
+        evaluation.ModelArguments("some/model", pipeline_family="sd3")
 
 
 def test_samples_depend_only_on_prompt_and_seed_not_on_the_batch(tiny_model_path):
-    sampling = evaluate_mrc.SamplingArguments(num_inference_steps=2, device="cpu")
-    pipe = evaluate_mrc.load_pipeline(evaluate_mrc.ModelArguments(str(tiny_model_path)), sampling, torch.device("cpu"))
-    together = evaluate_mrc.sample_images(pipe, ["a red cube", "a blue sphere"], [3, 4], sampling)
-    alone = evaluate_mrc.sample_images(pipe, ["a blue sphere"], [4], sampling)
+    sampling = evaluation.SamplingArguments(num_inference_steps=2, device="cpu")
+    pipe = evaluation.load_pipeline(evaluation.ModelArguments(str(tiny_model_path)), sampling, torch.device("cpu"))
+    together = evaluation.sample_images(pipe, ["a red cube", "a blue sphere"], [3, 4], sampling)
+    alone = evaluation.sample_images(pipe, ["a blue sphere"], [4], sampling)
     assert together.shape == (2, 3, 32, 32) and together.min() >= 0 and together.max() <= 1
     torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=0)
-    other_seed = evaluate_mrc.sample_images(pipe, ["a blue sphere"], [5], sampling)
+    other_seed = evaluation.sample_images(pipe, ["a blue sphere"], [5], sampling)
     assert not torch.allclose(alone, other_seed)
 
 
 def test_seeded_noise_is_fixed_per_seed_and_the_step_noise_is_not_the_latent(tiny_model_path):
     pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=16, in_channels=4)))
-    latent, generator = evaluate_mrc.seeded_noise(pipe, 7)
-    again, _ = evaluate_mrc.seeded_noise(pipe, 7)
+    latent, generator = evaluation.seeded_noise(pipe, 7)
+    again, _ = evaluation.seeded_noise(pipe, 7)
     assert latent.shape == (4, 16, 16) and torch.equal(latent, again)
-    assert not torch.equal(latent, evaluate_mrc.seeded_noise(pipe, 8)[0])
+    assert not torch.equal(latent, evaluation.seeded_noise(pipe, 8)[0])
     assert not torch.allclose(torch.randn(latent.shape, generator=generator), latent)  # the generator moved on
 
 
 def test_scoring_is_repeatable_so_base_and_finetuned_see_the_same_noise(tiny_model_path):
-    sampling = evaluate_mrc.SamplingArguments(num_inference_steps=2, batch_size=2, device="cpu")
+    sampling = evaluation.SamplingArguments(num_inference_steps=2, batch_size=2, device="cpu")
     mrc = MRCArguments(mrc_metric="mse", mrc_reconstructor_kwargs=RECONSTRUCTOR)
     reward = build_mrc_reward(mrc, 0, torch.device("cpu"))
-    pipe = evaluate_mrc.load_pipeline(evaluate_mrc.ModelArguments(str(tiny_model_path)), sampling, torch.device("cpu"))
-    first = evaluate_mrc.score_prompts(pipe, reward, PROMPTS[:2], [0], sampling, keep={(1, 0)})
-    second = evaluate_mrc.score_prompts(pipe, reward, PROMPTS[:2], [0], sampling)
+    pipe = evaluation.load_pipeline(evaluation.ModelArguments(str(tiny_model_path)), sampling, torch.device("cpu"))
+    first = evaluation.score_prompts(pipe, reward, PROMPTS[:2], [0], sampling, keep={(1, 0)})
+    second = evaluation.score_prompts(pipe, reward, PROMPTS[:2], [0], sampling)
     np.testing.assert_array_equal(first.mrc, second.mrc)
     np.testing.assert_allclose(first.rewards, -first.mrc)
     assert set(first.kept) == {(1, 0)} and first.kept[1, 0]["renders"].shape[:2] == (4, 3)
@@ -216,15 +212,15 @@ def test_evaluate_rejects_a_model_folder_that_is_not_a_diffusers_model(lora_dir,
 def test_a_hub_lora_is_downloaded_before_any_model_loads(lora_dir, monkeypatch):
     weights = lora_dir / evaluate_mrc.LORA_WEIGHT_NAME
     with mock.patch("huggingface_hub.hf_hub_download", return_value=str(weights)) as download:
-        assert evaluate_mrc.resolve_lora("me/carve3d-lora", revision="v1") == weights
+        assert evaluation.resolve_lora("me/carve3d-lora", revision="v1") == weights
     download.assert_called_once_with("me/carve3d-lora", evaluate_mrc.LORA_WEIGHT_NAME, revision="v1")
 
     with (
         mock.patch("huggingface_hub.hf_hub_download", side_effect=OSError("offline")),
         pytest.raises(FileNotFoundError, match="could not be fetched from the Hub repo 'me/carve3d-lora'"),
     ):
-        evaluate_mrc.resolve_lora("me/carve3d-lora")
-    assert evaluate_mrc.resolve_lora(str(weights)) == weights  # the weights file itself
+        evaluation.resolve_lora("me/carve3d-lora")
+    assert evaluation.resolve_lora(str(weights)) == weights  # the weights file itself
 
 
 # ---------------------------------------------------------------------------------------------- curate_prompts.py

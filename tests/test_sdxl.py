@@ -18,8 +18,7 @@ from carve3d_trl import (
     detect_family,
     load_ddpo_pipeline,
 )
-from carve3d_trl.conditioning import conditioner_of, guided_noise
-from carve3d_trl.conditioning_sdxl import StableDiffusionXLConditioner
+from carve3d_trl.pipelines import StableDiffusionXLConditioner, conditioner_of, guided_noise
 from carve3d_trl.testing import TinyPipelineSpec, save_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
 """The toy multi-view model (issue 7): its synthetic data, the shipped weights, and Carve3D fine-tuning of it."""
 
 import json
-import logging
 import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -129,32 +129,19 @@ def test_carve3d_fine_tunes_the_toy_model_with_the_mrc_reward(tmp_path):
     assert trainer.history[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the LoRA starts as the base model
 
 
-@pytest.fixture
-def benchmark_process_settings_restored():
-    """The benchmark quiets the libraries' loggers and pins one torch thread; undo that for the tests after it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_trainer import QUIET_LOGGERS
-
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    threads = torch.get_num_threads()
-    yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    torch.set_num_threads(threads)
+def run_script(script: str, *args: str) -> None:
+    """Run a benchmark or script as its users do, in its own process (its logging and threads stay its own)."""
+    subprocess.run([sys.executable, str(ROOT / script), *args], check=True, capture_output=True, timeout=900)
 
 
-@pytest.mark.usefixtures("benchmark_process_settings_restored")
 def test_replication_benchmark_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_replication
-
     out = tmp_path / "replication"
-    args = ["--epochs", "2", "--train-prompts", "2", "--samples-per-prompt", "2", "--val-prompts", "2"]
-    args += ["--eval-seeds", "2", "--steps", "2", "--reconstructor-kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
-    args += ["--check-reconstructor-kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
-    report = bench_replication.main([*args, "--out", str(out)])
-    assert json.loads(Path(f"{out}.json").read_text())["summary"] == report["summary"]
-    assert list(report["summary"]) == list(bench_replication.SOURCES)
+    args = ["--epochs", "2", "--train_prompts", "2", "--samples_per_prompt", "2", "--val_prompts", "2"]
+    args += ["--eval_seeds", "2", "--steps", "2", "--reconstructor_kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
+    args += ["--check_reconstructor_kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
+    run_script("benchmarks/bench_replication.py", *args, "--out", str(out))
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert list(report["summary"]) == ["data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT"]
     assert not set(report["train_prompts"]) & set(report["val_prompts"])
     stats = report["summary"]
     assert stats["base (short SFT)"]["kl_mean"] == 0 and stats["base (short SFT)"]["mrc_change_mean"] == 0
@@ -168,15 +155,13 @@ def test_replication_benchmark_smoke(tmp_path):
 
 
 def test_training_script_is_deterministic_and_writes_short_and_long_checkpoints(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train_toy_model
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     tiny = ["--num_scenes", "3", "--vae_steps", "2", "--vae_batch_size", "4", "--batch_size", "4"]
     tiny += ["--short_steps", "1", "--unet_steps", "2", "--warmup_steps", "1"]
     for run in ("a", "b"):
-        train_toy_model.main([*tiny, "--output_dir", str(tmp_path / run)])
+        run_script("scripts/train_toy_model.py", *tiny, "--output_dir", str(tmp_path / run))
 
     def unet(run: str, variant: str) -> dict[str, torch.Tensor]:
         return load_file(tmp_path / run / variant / "unet" / "diffusion_pytorch_model.safetensors")

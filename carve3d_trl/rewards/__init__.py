@@ -1,47 +1,61 @@
-"""Carve3D's MRC reward (Multi-view Reconstruction Consistency) and what it is built from."""
+"""Carve3D's MRC reward (Multi-view Reconstruction Consistency) and what it is built from.
 
-from .cameras import (
-    CameraLayout,
-    fov_to_intrinsics,
-    instant3d_layout,
-    look_at_cam2world,
-    orbit_cam2world,
-    orbit_layout,
-    split_grid,
-    tile_views,
-    zero123pp_layout,
-)
-from .crop import crop_pairs, foreground_boxes, foreground_mask
-from .metrics import ImageMetric, alexnet_weights_path, load_lpips
-from .mrc import MRCReward
-from .reconstructors import (
-    InstantMeshReconstructor,
-    OpenLRMReconstructor,
-    RadianceFieldReconstructor,
-    Reconstructor,
-    make_reconstructor,
-)
+The public names below load on first use (TRL, diffusers and accelerate are never imported by this package).
+"""
 
-__all__ = [
-    "CameraLayout",
-    "ImageMetric",
-    "InstantMeshReconstructor",
-    "MRCReward",
-    "OpenLRMReconstructor",
-    "RadianceFieldReconstructor",
-    "Reconstructor",
-    "alexnet_weights_path",
-    "crop_pairs",
-    "fov_to_intrinsics",
-    "foreground_boxes",
-    "foreground_mask",
-    "instant3d_layout",
-    "load_lpips",
-    "look_at_cam2world",
-    "make_reconstructor",
-    "orbit_cam2world",
-    "orbit_layout",
-    "split_grid",
-    "tile_views",
-    "zero123pp_layout",
-]
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_namespace
+
+_EXPORTS = {
+    "cameras": [
+        "CameraLayout",
+        "fov_to_intrinsics",
+        "instant3d_layout",
+        "look_at_cam2world",
+        "orbit_cam2world",
+        "orbit_layout",
+        "split_grid",
+        "tile_views",
+        "zero123pp_layout",
+    ],
+    "crop": ["crop_pairs", "foreground_boxes", "foreground_mask"],
+    "lpips_trunk": ["LPIPSTrunkError", "fetch_lpips_trunk"],
+    "metadata": ["RewardMetadata", "per_sample_values"],
+    "metrics": ["ImageMetric", "alexnet_weights_path", "load_lpips"],
+    "mrc": ["MRCReward"],
+    "reconstructors": [
+        "InstantMeshReconstructor",
+        "OpenLRMReconstructor",
+        "RadianceFieldReconstructor",
+        "Reconstructor",
+        "make_reconstructor",
+    ],
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from .cameras import (
+        CameraLayout,
+        fov_to_intrinsics,
+        instant3d_layout,
+        look_at_cam2world,
+        orbit_cam2world,
+        orbit_layout,
+        split_grid,
+        tile_views,
+        zero123pp_layout,
+    )
+    from .crop import crop_pairs, foreground_boxes, foreground_mask
+    from .lpips_trunk import LPIPSTrunkError, fetch_lpips_trunk
+    from .metadata import RewardMetadata, per_sample_values
+    from .metrics import ImageMetric, alexnet_weights_path, load_lpips
+    from .mrc import MRCReward
+    from .reconstructors import (
+        InstantMeshReconstructor,
+        OpenLRMReconstructor,
+        RadianceFieldReconstructor,
+        Reconstructor,
+        make_reconstructor,
+    )

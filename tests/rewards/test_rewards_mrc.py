@@ -9,7 +9,7 @@ from carve3d_trl.rewards import (
     make_reconstructor,
     tile_views,
 )
-from carve3d_trl.rewards.synthetic import distort_views, random_object, render_object
+from carve3d_trl.synthetic import distort_views, random_object, render_object
 
 FAST = dict(fit_size=32, steps=60)
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from carve3d_trl.rewards import RadianceFieldReconstructor, foreground_mask, instant3d_layout
 from carve3d_trl.rewards.reconstructors.radiance_field import _flush_denormal_enabled, flush_denormal
-from carve3d_trl.rewards.synthetic import distort_views, random_object, render_object
+from carve3d_trl.synthetic import distort_views, random_object, render_object
 
 FAST = dict(fit_size=24, steps=40)
 TRIPLANE = dict(grid_resolution=0, plane_resolution=32, density_offset=-1.0)  # the former default field

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Reconstructor
-from .instantmesh_adapter import InstantMeshReconstructor
-from .openlrm_adapter import OpenLRMReconstructor
+from .instantmesh import InstantMeshReconstructor
+from .openlrm import OpenLRMReconstructor
 from .radiance_field import RadianceFieldReconstructor
 
 __all__ = [

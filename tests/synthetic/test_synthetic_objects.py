@@ -2,15 +2,8 @@ import pytest
 import torch
 
 from carve3d_trl.rewards import foreground_mask, instant3d_layout
-from carve3d_trl.rewards.synthetic import (
-    DISTORTIONS,
-    Primitive,
-    SyntheticObject,
-    _bounding_radius,
-    distort_views,
-    random_object,
-    render_object,
-)
+from carve3d_trl.synthetic import DISTORTIONS, Primitive, SyntheticObject, distort_views, random_object, render_object
+from carve3d_trl.synthetic.objects import _bounding_radius
 
 
 @pytest.fixture(scope="module")

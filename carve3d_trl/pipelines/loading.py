@@ -1,11 +1,13 @@
-"""Which DDPO pipeline serves a model: Stable Diffusion 1.x/2.x (`"sd"`) or Stable Diffusion XL (`"sdxl"`)."""
+"""Which model family serves a model or a pipeline: Stable Diffusion 1.x/2.x (`"sd"`) or Stable Diffusion XL
+(`"sdxl"`), and the DDPO pipeline and conditioner of each."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .pipelines import Carve3DStableDiffusionPipeline
-from .pipelines_sdxl import Carve3DStableDiffusionXLPipeline
+from .conditioning import PromptConditioner
+from .stable_diffusion import Carve3DStableDiffusionPipeline, StableDiffusionConditioner
+from .stable_diffusion_xl import Carve3DStableDiffusionXLPipeline, StableDiffusionXLConditioner
 
 PIPELINES = {"sd": Carve3DStableDiffusionPipeline, "sdxl": Carve3DStableDiffusionXLPipeline}
 FAMILIES = ("auto", *PIPELINES)
@@ -36,3 +38,21 @@ def load_ddpo_pipeline(
     constructor (`use_lora`, `lora_rank`, ...)."""
     family = resolve_family(pretrained_model_name, family, pretrained_model_revision)
     return PIPELINES[family](pretrained_model_name, pretrained_model_revision=pretrained_model_revision, **kwargs)
+
+
+def conditioner_of(pipeline) -> PromptConditioner:
+    """The conditioner of a pipeline: a DDPO pipeline's own `conditioner`; for a diffusers SDXL pipeline a
+    [`StableDiffusionXLConditioner`]; else (TRL's or diffusers' Stable Diffusion pipelines) a
+    [`StableDiffusionConditioner`] over its tokenizer and text encoder."""
+    conditioner = getattr(pipeline, "conditioner", None)
+    if conditioner is not None:
+        return conditioner
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return StableDiffusionXLConditioner(pipeline)
+    if getattr(pipeline, "tokenizer", None) is None or getattr(pipeline, "text_encoder", None) is None:
+        raise TypeError(
+            f"{type(pipeline).__name__} has neither a `conditioner` nor a tokenizer and text encoder; use "
+            "Carve3DStableDiffusionPipeline or Carve3DStableDiffusionXLPipeline, or give the pipeline a `conditioner` "
+            "(see carve3d_trl.pipelines.PromptConditioner)."
+        )
+    return StableDiffusionConditioner(pipeline.tokenizer, pipeline.text_encoder)

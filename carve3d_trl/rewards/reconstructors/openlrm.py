@@ -12,7 +12,6 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from ...distributed import ensure_process_state
 from ..cameras import CameraLayout
 from ._external import default_device, import_from_clone, patched, resolve_file
 from .camera_conventions import (
@@ -70,6 +69,8 @@ class OpenLRMReconstructor:
         torch._dynamo.config.disable = True
         config = json.loads(resolve_file(model, "config.json", revision).read_text())
         weights = resolve_file(model, "model.safetensors", revision)
+        from ...distributed import ensure_process_state
+
         ensure_process_state()  # OpenLRM logs through accelerate, which raises without a state
         with _dinov2_without_download(dinov2):
             lrm = modeling.ModelLRM(**config)

@@ -1,13 +1,11 @@
 """A fast version of the MRC robustness study (the full one: benchmarks/bench_mrc_validity.py)."""
 
 import math
-from pathlib import Path
 
 import pytest
 
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout
-from carve3d_trl.rewards.synthetic import DISTORTIONS
-from carve3d_trl.rewards.validity import run_validity_study, spearman
+from carve3d_trl.synthetic import DISTORTIONS, OracleReconstructor, consistent_views, run_validity_study, spearman
 
 
 def test_spearman():
@@ -33,11 +31,8 @@ def test_mrc_worsens_with_the_strength_of_every_distortion():
         assert result.first_gap[kind] > 3 * result.seed_std, kind
 
 
-def test_the_oracle_of_the_benchmark_scores_consistent_views_as_perfect(monkeypatch):
-    # bench_mrc_validity's perfect reconstruction, which measures the metric alone.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from bench_mrc_validity import OracleReconstructor, consistent_views
-
+def test_the_oracle_scores_consistent_views_as_perfect():
+    # The perfect reconstruction of bench_mrc_validity's --reconstructor oracle, which measures the metric alone.
     layout = instant3d_layout()
     oracle = OracleReconstructor(consistent_views(layout, num_objects=2, view_size=32, object_seed=0))
     result = run_validity_study(

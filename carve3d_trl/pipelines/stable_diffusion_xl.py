@@ -1,17 +1,100 @@
-"""A DDPO pipeline for Stable Diffusion XL models (e.g. Instant3D-like 2x2 multi-view grids), on TRL's interface."""
+"""The Stable Diffusion XL family (e.g. Instant3D-like 2x2 multi-view grids): its conditioner and a DDPO pipeline on
+TRL's interface."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from trl import DDPOStableDiffusionPipeline
 from trl.models.modeling_sd_base import DDPOPipelineOutput, DDPOSchedulerOutput, scheduler_step
 
-from .conditioning_sdxl import Size, StableDiffusionXLConditioner
-from .export import save_unet_weights
-from .pipelines import DEFAULT_LORA_TARGETS, Carve3DPipelineMixin
+from .conditioning import Conditioning, repeat_conditioning
+from .lora import DEFAULT_LORA_TARGETS, save_unet_weights
+from .mixin import Carve3DPipelineMixin
 from .sampling import Generators, sample_with_log_probs
+
+Size = tuple[int, int]
+
+
+class StableDiffusionXLConditioner:
+    """Stable Diffusion XL: `{"prompt_embeds": (B, L, D1 + D2), "pooled_prompt_embeds": (B, P),
+    "add_time_ids": (B, 6)}`, encoded by diffusers' `StableDiffusionXLPipeline.encode_prompt` (both encoders'
+    penultimate hidden states concatenated; the pooled projection of the second encoder).
+
+    `add_time_ids` are SDXL's micro-conditioning `(original_size, crops_coords_top_left, target_size)`, the same for
+    every sample and for the unconditional branch, as in diffusers' pipeline.
+
+    Args:
+        pipeline (`diffusers.StableDiffusionXLPipeline`): Supplies the tokenizers and frozen text encoders.
+        original_size (`tuple[int, int]`, *optional*): `(height, width)`; defaults to the generated image's size.
+        target_size (`tuple[int, int]`, *optional*): `(height, width)`; defaults to the generated image's size.
+        crops_coords_top_left (`tuple[int, int]`): Crop offset the model is conditioned on.
+        force_zeros_for_empty_prompt (`bool`, *optional*): Whether an empty negative prompt is all-zero embeddings
+            (SDXL base) rather than the encoding of `""`; defaults to the pipeline's config.
+    """
+
+    keys = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
+
+    def __init__(
+        self,
+        pipeline,
+        *,
+        original_size: Size | None = None,
+        target_size: Size | None = None,
+        crops_coords_top_left: Size = (0, 0),
+        force_zeros_for_empty_prompt: bool | None = None,
+    ):
+        self.pipeline = pipeline
+        unet = pipeline.unet
+        latent = unet.config.sample_size
+        latent = (latent, latent) if isinstance(latent, int) else tuple(latent)
+        image_size = (latent[0] * pipeline.vae_scale_factor, latent[1] * pipeline.vae_scale_factor)
+        self.time_ids = (*(original_size or image_size), *crops_coords_top_left, *(target_size or image_size))
+        if force_zeros_for_empty_prompt is None:
+            force_zeros_for_empty_prompt = bool(pipeline.config.force_zeros_for_empty_prompt)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        expected = unet.add_embedding.linear_1.in_features
+        given = unet.config.addition_time_embed_dim * len(self.time_ids)
+        given += pipeline.text_encoder_2.config.projection_dim
+        if given != expected:
+            raise ValueError(
+                f"The UNet's added embedding takes {expected} features, but {len(self.time_ids)} time ids and the "
+                f"second text encoder's projection give {given}: the UNet and text_encoder_2 configs do not match."
+            )
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        device = self.pipeline.text_encoder_2.device
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            list(prompts), device=device, do_classifier_free_guidance=False
+        )
+        time_ids = torch.tensor([self.time_ids], dtype=prompt_embeds.dtype, device=device)
+        return {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "add_time_ids": time_ids.expand(len(prompts), -1).contiguous(),
+        }
+
+    def encode_negative(self, negative_prompt: str, batch_size: int) -> Conditioning:
+        """The encoding of `negative_prompt`; with `force_zeros_for_empty_prompt`, an empty one is all-zero
+        embeddings (the size/crop ids are kept)."""
+        negative = self.encode([negative_prompt])
+        if not negative_prompt and self.force_zeros_for_empty_prompt:
+            negative["prompt_embeds"] = torch.zeros_like(negative["prompt_embeds"])
+            negative["pooled_prompt_embeds"] = torch.zeros_like(negative["pooled_prompt_embeds"])
+        return repeat_conditioning(negative, batch_size)
+
+    def unet_kwargs(self, conditioning: Conditioning) -> dict[str, Any]:
+        added = {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": conditioning["add_time_ids"]}
+        return {"encoder_hidden_states": conditioning["prompt_embeds"], "added_cond_kwargs": added}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.pipeline.text_encoder.to(device, dtype=dtype)
+        self.pipeline.text_encoder_2.to(device, dtype=dtype)
 
 
 class Carve3DStableDiffusionXLPipeline(Carve3DPipelineMixin, DDPOStableDiffusionPipeline):

@@ -3,7 +3,8 @@
 A *conditioning* is a dict of batch-first tensors (for Stable Diffusion `{"prompt_embeds": (B, L, D)}`; SDXL adds
 pooled embeddings and `add_time_ids`). The trainer stores it with the samples, shuffles and rebatches it like any other
 sample tensor, and hands it back to the conditioner to run the UNet, so sampling, training and the KL reference share
-one code path for every family.
+one code path for every family. Each family's conditioner lives beside its pipeline (`stable_diffusion.py`,
+`stable_diffusion_xl.py`).
 """
 
 from __future__ import annotations
@@ -37,56 +38,6 @@ class PromptConditioner(Protocol):
     def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
         """Move the (frozen) encoders to `device` and `dtype`."""
         ...
-
-
-class StableDiffusionConditioner:
-    """Stable Diffusion 1.x/2.x: the CLIP text encoder's last hidden states, `{"prompt_embeds": (B, L, D)}`.
-
-    Args:
-        tokenizer (`transformers.CLIPTokenizer`): The pipeline's tokenizer.
-        text_encoder (`transformers.CLIPTextModel`): The pipeline's text encoder (frozen).
-    """
-
-    keys = ("prompt_embeds",)
-
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        ids = self.tokenizer(
-            list(prompts),
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-        ).input_ids.to(self.text_encoder.device)
-        return {"prompt_embeds": self.text_encoder(ids)[0]}
-
-    def encode_negative(self, negative_prompt: str, batch_size: int) -> Conditioning:
-        return repeat_conditioning(self.encode([negative_prompt]), batch_size)
-
-    def unet_kwargs(self, conditioning: Conditioning) -> dict[str, Any]:
-        return {"encoder_hidden_states": conditioning["prompt_embeds"]}
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        self.text_encoder.to(device, dtype=dtype)
-
-
-def conditioner_of(pipeline) -> PromptConditioner:
-    """The conditioner of a DDPO pipeline: its own `conditioner`, else (TRL's Stable Diffusion pipelines) a
-    [`StableDiffusionConditioner`] over its tokenizer and text encoder."""
-    conditioner = getattr(pipeline, "conditioner", None)
-    if conditioner is not None:
-        return conditioner
-    if getattr(pipeline, "tokenizer", None) is None or getattr(pipeline, "text_encoder", None) is None:
-        raise TypeError(
-            f"{type(pipeline).__name__} has neither a `conditioner` nor a tokenizer and text encoder; use "
-            "Carve3DStableDiffusionPipeline or Carve3DStableDiffusionXLPipeline, or give the pipeline a `conditioner` "
-            "(see carve3d_trl.conditioning.PromptConditioner)."
-        )
-    return StableDiffusionConditioner(pipeline.tokenizer, pipeline.text_encoder)
 
 
 def repeat_conditioning(conditioning: Conditioning, batch_size: int) -> Conditioning:

@@ -1,4 +1,9 @@
-"""Carve3D's robustness study of MRC, reproduced on synthetic objects: MRC against controlled inconsistency."""
+"""Carve3D's robustness study of MRC, reproduced on synthetic objects: MRC against controlled inconsistency.
+
+`run_validity_study` scores random objects with one view distorted at increasing strengths and measures how MRC
+follows the strength; `OracleReconstructor` (a perfect reconstruction, with `consistent_views`) makes the study
+measure the metric alone.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cameras import CameraLayout
-from .mrc import MRCReward
-from .synthetic import DISTORTIONS, distort_views, random_object, render_object
+from ..rewards.cameras import CameraLayout
+from ..rewards.mrc import MRCReward
+from .distortions import DISTORTIONS, distort_views
+from .objects import random_object, render_object
 
-__all__ = ["ValidityResult", "run_validity_study", "spearman"]
+__all__ = ["OracleReconstructor", "ValidityResult", "consistent_views", "run_validity_study", "spearman"]
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -111,3 +117,34 @@ def run_validity_study(
         result.first_gap[kind] = float((sign * (mrc[:, 0] - mrc[:, 1])).mean())
     result.seed_std = float(torch.stack([i["mrc"] for i in base_info]).std(dim=0).mean()) if len(seeds) > 1 else 0.0
     return result
+
+
+class OracleReconstructor:
+    """A perfect reconstruction: the consistent views of each set's object, found by the views no distortion changes.
+
+    Args:
+        consistent (`torch.Tensor` of shape `(objects, V, 3, h, w)`): The undistorted views of every object.
+        view_index (`int`): The view the study distorts.
+    """
+
+    def __init__(self, consistent: torch.Tensor, view_index: int = 0):
+        self.consistent = consistent
+        self.untouched = [v for v in range(consistent.shape[1]) if v != view_index]
+
+    def reconstruct(self, views: torch.Tensor, layout: CameraLayout) -> torch.Tensor:
+        """The consistent views `(B, V, 3, h, w)` of the object whose untouched views equal those of each set.
+
+        Raises `ValueError` when a set's untouched views match no object's.
+        """
+        untouched, reference = views[:, self.untouched], self.consistent[:, self.untouched]
+        distance = torch.stack([(untouched - one).flatten(1).abs().amax(dim=1) for one in reference], dim=1)
+        nearest, match = distance.min(dim=1)
+        if nearest.max() > 1e-6:
+            raise ValueError("A set's untouched views match no object's consistent views.")
+        return self.consistent[match]
+
+
+def consistent_views(layout: CameraLayout, num_objects: int, view_size: int, object_seed: int) -> torch.Tensor:
+    """The undistorted views `(objects, V, 3, h, w)` of the study's objects (the draw of `run_validity_study`)."""
+    generator = torch.Generator().manual_seed(object_seed)
+    return torch.stack([render_object(random_object(generator), layout, view_size) for _ in range(num_objects)])

@@ -1,0 +1,50 @@
+"""DDPO pipelines, one file per model family, and what they share.
+
+- `conditioning.py`: the [`PromptConditioner`] protocol every family implements, and guidance.
+- `sampling.py`: the one DDIM loop with log-probabilities, transition log-probabilities (the KL reference), decode.
+- `lora.py`: LoRA adapters: adding, writing (diffusers format), loading in place. `mixin.py`: what pipelines share.
+- `stable_diffusion.py`, `stable_diffusion_xl.py`: each family's conditioner and pipeline.
+- `loading.py`: family detection, `load_ddpo_pipeline`, `conditioner_of`.
+"""
+
+from .conditioning import (
+    Conditioning,
+    PromptConditioner,
+    concat_conditioning,
+    guided_noise,
+    repeat_conditioning,
+    split_conditioning,
+)
+from .loading import FAMILIES, PIPELINES, conditioner_of, detect_family, load_ddpo_pipeline, resolve_family
+from .lora import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, load_lora_into_unet_adapter, save_unet_weights
+from .mixin import Carve3DPipelineMixin
+from .sampling import decode_latents, sample_with_log_probs, transition_log_probs
+from .stable_diffusion import Carve3DStableDiffusionPipeline, StableDiffusionConditioner
+from .stable_diffusion_xl import Carve3DStableDiffusionXLPipeline, StableDiffusionXLConditioner
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "FAMILIES",
+    "LORA_WEIGHT_NAME",
+    "PIPELINES",
+    "Carve3DPipelineMixin",
+    "Carve3DStableDiffusionPipeline",
+    "Carve3DStableDiffusionXLPipeline",
+    "Conditioning",
+    "PromptConditioner",
+    "StableDiffusionConditioner",
+    "StableDiffusionXLConditioner",
+    "concat_conditioning",
+    "conditioner_of",
+    "decode_latents",
+    "detect_family",
+    "guided_noise",
+    "load_ddpo_pipeline",
+    "load_lora_into_unet_adapter",
+    "repeat_conditioning",
+    "resolve_family",
+    "sample_with_log_probs",
+    "save_unet_weights",
+    "split_conditioning",
+    "transition_log_probs",
+]

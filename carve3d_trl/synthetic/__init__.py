@@ -1,0 +1,23 @@
+"""Procedural objects rendered at a layout's cameras, controlled multi-view inconsistencies and the MRC validity study.
+
+`objects` renders exactly consistent views of random solids, `distortions` makes one view inconsistent with a chosen
+strength, and `validity` measures how MRC (`carve3d_trl.rewards.MRCReward`) follows that strength.
+"""
+
+from .distortions import DISTORTIONS, distort_views
+from .objects import Primitive, SyntheticObject, random_object, render_object
+from .validity import OracleReconstructor, ValidityResult, consistent_views, run_validity_study, spearman
+
+__all__ = [
+    "DISTORTIONS",
+    "OracleReconstructor",
+    "Primitive",
+    "SyntheticObject",
+    "ValidityResult",
+    "consistent_views",
+    "distort_views",
+    "random_object",
+    "render_object",
+    "run_validity_study",
+    "spearman",
+]
