@@ -1,6 +1,6 @@
 """Crash-safe writes and deletions of files and folders, and the clean-up of what a killed writer left behind.
 
-Every write goes to a temporary sibling whose name starts with ``.tmp-`` and is renamed into place only once it is
+Every write goes to a temporary sibling whose name starts with `.tmp-` and is renamed into place only once it is
 complete and fsynced, so a crash (exception, SIGKILL, power loss) never leaves a half-written file or a folder that
 looks like a checkpoint. This module imports nothing from the rest of the package.
 """
@@ -53,12 +53,12 @@ def _fsync_tree(root: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary sibling folder of ``final_dir`` that is renamed to ``final_dir`` on clean exit.
+    """Yield a temporary sibling folder of `final_dir` that is renamed to `final_dir` on clean exit.
 
-    If ``final_dir`` already exists it keeps its content until the new folder is complete: the old folder is moved
+    If `final_dir` already exists it keeps its content until the new folder is complete: the old folder is moved
     aside, the new one renamed into place, then the old one deleted. On an exception the temporary folder is removed
-    and ``final_dir`` is left untouched. A process killed mid-way leaves only ``.tmp-*`` entries, which
-    :func:`clean_stale_temp_dirs` resolves.
+    and `final_dir` is left untouched. A process killed mid-way leaves only `.tmp-*` entries, which
+    [`clean_stale_temp_dirs`] resolves.
     """
     final = Path(final_dir).absolute()
     if final.exists() and not final.is_dir():
@@ -93,7 +93,7 @@ def _rename_into_place(tmp: Path, final: Path, token: str) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a fsynced temporary file and ``os.replace``; return the path."""
+    """Write `data` to `path` through a fsynced temporary file and `os.replace`; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, "file")
@@ -112,17 +112,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Atomically write ``text`` to ``path`` (see :func:`atomic_write_bytes`)."""
+    """Atomically write `text` to `path` (see [`atomic_write_bytes`])."""
     return atomic_write_bytes(path, text.encode(encoding))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> Path:
-    """Atomically write ``obj`` as JSON; an unserialisable ``obj`` fails before anything touches the disk."""
+    """Atomically write `obj` as JSON; an unserialisable `obj` fails before anything touches the disk."""
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def atomic_remove_directory(path: str | os.PathLike[str]) -> None:
-    """Delete a folder, first renaming it to a ``.tmp-`` name, so an interrupted deletion never leaves a partial
+    """Delete a folder, first renaming it to a `.tmp-` name, so an interrupted deletion never leaves a partial
     folder under its real name."""
     path = Path(path)
     trash = _temp_sibling(path, "del")
@@ -132,11 +132,11 @@ def atomic_remove_directory(path: str | os.PathLike[str]) -> None:
 
 
 def clean_stale_temp_dirs(root: str | os.PathLike[str]) -> list[Path]:
-    """Resolve the ``.tmp-*`` leftovers of a killed writer in ``root``; return the entries removed.
+    """Resolve the `.tmp-*` leftovers of a killed writer in `root`; return the entries removed.
 
     A replacement interrupted between its two renames is completed (its new folder was already complete), so no
     committed data is lost; every other leftover is an incomplete write and is deleted. Do not call this while another
-    process is writing into ``root``.
+    process is writing into `root`.
     """
     root = Path(root)
     if not root.is_dir():

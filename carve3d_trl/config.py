@@ -56,6 +56,10 @@ class Carve3DConfig(DDPOConfig):
             Revision (branch, tag or commit) of a Hub dataset (empty: the default branch).
         prompt_dataset_size (`int`, *optional*, defaults to `0`):
             Use only the first `prompt_dataset_size` training prompts (the recipe's `train_size`, 30); 0 uses all.
+        per_prompt_stat_tracking (`bool`, *optional*, defaults to `True`):
+            DDPO's per-prompt normalisation of the rewards. **A changed default**: TRL's `DDPOConfig` defaults to
+            `False` (normalise over the batch); the Carve3D recipe normalises per prompt. A plain `DDPOConfig` given to
+            `Carve3DTrainer` keeps TRL's default.
     """
 
     on_policy: bool = field(
@@ -86,7 +90,8 @@ class Carve3DConfig(DDPOConfig):
     prompt_dataset_revision: str = field(default="", metadata={"help": "Revision of a Hub prompt dataset."})
     prompt_dataset_size: int = field(default=0, metadata={"help": "Use only the first N training prompts (0: all)."})
     per_prompt_stat_tracking: bool = field(
-        default=True, metadata={"help": "Whether to track statistics for each prompt separately."}
+        default=True,
+        metadata={"help": "Normalise rewards per prompt (True here; TRL's DDPOConfig defaults to False)."},
     )
 
     def __post_init__(self):
@@ -193,3 +198,11 @@ def validate_multi_update(config: DDPOConfig) -> None:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def as_carve3d_config(config: DDPOConfig) -> Carve3DConfig:
+    """Return `config` itself if it is a `Carve3DConfig`, else the equivalent with Carve3D's additions turned off."""
+    if isinstance(config, Carve3DConfig):
+        return config
+    fields = {k: v for k, v in vars(config).items() if k in Carve3DConfig.__dataclass_fields__}
+    return Carve3DConfig(**fields, on_policy=False, kl_penalty=False, kl_log=False, warmup_first_epoch=False)

@@ -51,7 +51,7 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
 
 
 def validate_repo_id(repo_id: str) -> None:
-    """Raise ``ValueError`` unless ``repo_id`` is ``name`` or ``namespace/name`` in the Hub's allowed characters."""
+    """Raise `ValueError` unless `repo_id` is `name` or `namespace/name` in the Hub's allowed characters."""
     parts = repo_id.split("/") if isinstance(repo_id, str) else []
     problem = None
     if not 1 <= len(parts) <= 2:
@@ -79,7 +79,7 @@ def _is_transient(err: BaseException) -> bool:
 
 
 def _retry_delay(err: BaseException, attempt: int, backoff_seconds: float) -> float:
-    """Exponential backoff, or the server's ``Retry-After`` (capped) when it asks for longer."""
+    """Exponential backoff, or the server's `Retry-After` (capped) when it asks for longer."""
     delay = backoff_seconds * 2**attempt
     headers = getattr(getattr(err, "response", None), "headers", None) or {}
     try:
@@ -118,7 +118,7 @@ def _describe(err: BaseException, repo_id: str) -> str:
 
 
 def upload_command(repo_id: str, folder: str | Path, revision: str | None = None, repo_type: str = "model") -> str:
-    """The ``hf`` CLI command that uploads ``folder`` to the root of ``repo_id``."""
+    """The `hf` CLI command that uploads `folder` to the root of `repo_id`."""
     command = ["hf", "upload", repo_id, str(Path(folder).absolute()), "."]
     if repo_type != "model":
         command += ["--repo-type", repo_type]
@@ -141,17 +141,17 @@ def push_folder_to_hub(
     api: HfApi | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
-    """Create ``repo_id`` (if missing) and upload ``folder`` to its root; return the commit URL.
+    """Create `repo_id` (if missing) and upload `folder` to its root; return the commit URL.
 
-    ``repo_type`` is ``"model"`` (a LoRA) or ``"dataset"`` (e.g. curated prompts).
+    `repo_type` is `"model"` (a LoRA) or `"dataset"` (e.g. curated prompts).
 
-    Connection errors, timeouts, HTTP 408/429/5xx are retried up to ``max_retries`` times with exponential backoff
-    (``backoff_seconds * 2**attempt``, passed to ``sleep``); other errors fail at once. The folder is never modified.
-    ``.tmp-*`` entries are not uploaded. ``revision`` names a branch, created if missing.
+    Connection errors, timeouts, HTTP 408/429/5xx are retried up to `max_retries` times with exponential backoff
+    (`backoff_seconds * 2**attempt`, passed to `sleep`); other errors fail at once. The folder is never modified.
+    `.tmp-*` entries are not uploaded. `revision` names a branch, created if missing.
 
     Raises:
-        ValueError: ``repo_id`` is malformed (checked before any network call).
-        NotADirectoryError: ``folder`` is not a folder.
+        ValueError: `repo_id` is malformed (checked before any network call).
+        NotADirectoryError: `folder` is not a folder.
         HubUploadError: the upload failed; the message names the kept local folder and the command to retry.
     """
     validate_repo_id(repo_id)

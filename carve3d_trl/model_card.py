@@ -1,10 +1,11 @@
-"""Model card (``README.md``) and training-curve figure for a Carve3D LoRA folder."""
+"""Model card (`README.md`) and training-curve figure for a Carve3D LoRA folder."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -14,8 +15,9 @@ from urllib.parse import quote
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from carve3d_trl.atomic import atomic_write_bytes, atomic_write_text
-from carve3d_trl.hub import validate_repo_id
+from .atomic import atomic_write_bytes, atomic_write_text
+from .hub import validate_repo_id
+from .kl import KLMode
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +49,18 @@ _CONFIG_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Seed", ("seed",)),
 )
 _KL_DETAIL_KEYS = ("kl_in_reward", "kl_normalized_coeff", "kl_beta", "kl_per_prompt_stat_tracking")
+# the KL settings a card hides because the run's KL mode does not use them
+_UNUSED_KL_KEYS = {
+    KLMode.OFF: set(_KL_DETAIL_KEYS),
+    KLMode.LOGGED: set(_KL_DETAIL_KEYS),
+    KLMode.IN_REWARD: {"kl_beta"},
+    KLMode.IN_LOSS: {"kl_normalized_coeff", "kl_per_prompt_stat_tracking"},
+}
 # (panel title, mean key, std key) of the training-curve figure; (label, key) of the first/last epoch table.
 _CURVES: tuple[tuple[str, str, str | None], ...] = (
     ("Reward", "reward_mean", "reward_std"),
     ("KL to the base model", "kl_mean", None),
-    ("MRC (lower is better)", "mrc_mean", None),
+    ("MRC", "mrc_mean", None),
 )
 _METRICS = (
     ("Reward mean", "reward_mean"),
@@ -66,17 +75,21 @@ class ModelCardInfo:
     """What the model card of a trained Carve3D LoRA says.
 
     Attributes:
-        base_model: Hub id (or local path) of the multi-view diffusion model the LoRA applies to.
-        repo_id: Hub repo the card is for; used in the loading snippet and the title.
-        prompt_dataset: Hub dataset id or local file of the training prompts.
-        license: License of the adapter; the base model's license also applies and may be stricter.
-        training_config: Training settings, e.g. ``dataclasses.asdict(Carve3DConfig(...))``.
-        history: One dict per epoch with any of ``epoch``, ``reward_mean``, ``reward_std``, ``kl_mean``,
-            ``mrc_mean``.
-        samples: Dicts with ``prompt``, ``image`` (path of the generated grid PNG relative to the card),
-            optional ``render`` (path of the reconstruction renders PNG) and optional ``mrc`` (float).
-        extra_tags: Hub tags added to :data:`BASE_TAGS`.
-        pipeline_class: The diffusers pipeline class that loads the base model and the LoRA in the usage snippet.
+        base_model (`str`): Hub id (or local path) of the multi-view diffusion model the LoRA applies to.
+        repo_id (`str`, *optional*): Hub repo the card is for; used in the loading snippet and the title.
+        prompt_dataset (`str`, *optional*): Hub dataset id or local file of the training prompts.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): License of the adapter; the base model's license
+            also applies and may be stricter.
+        training_config (`dict`, *optional*): Training settings, e.g. `Carve3DConfig(...).to_dict()`.
+        history (`list[dict]`, *optional*): One dict per epoch with any of `epoch`, `reward_mean`, `reward_std`,
+            `kl_mean`, `mrc_mean`.
+        samples (`list[dict]`, *optional*): Dicts with `prompt`, `image` (path of the generated grid PNG relative to
+            the card), optional `render` (path of the reconstruction renders PNG) and optional `mrc` (float).
+        extra_tags (`list[str]`, *optional*): Hub tags added to [`BASE_TAGS`].
+        pipeline_class (`str`, *optional*, defaults to `"StableDiffusionPipeline"`): The diffusers pipeline class that
+            loads the base model and the LoRA in the usage snippet.
+        mrc_higher_is_better (`bool`, *optional*): The MRC metric's direction (PSNR: higher is better; LPIPS, MSE:
+            lower), for the MRC curve's title; read from the history (reward = +MRC or -MRC) when not given.
     """
 
     base_model: str
@@ -88,10 +101,11 @@ class ModelCardInfo:
     samples: list[dict[str, Any]] = field(default_factory=list)
     extra_tags: list[str] = field(default_factory=list)
     pipeline_class: str = "StableDiffusionPipeline"
+    mrc_higher_is_better: bool | None = None
 
 
 def _hub_id(name: str | None) -> str | None:
-    """``name`` when it can be a Hub repo id rather than a local path (the Hub rejects paths in metadata)."""
+    """`name` when it can be a Hub repo id rather than a local path (the Hub rejects paths in metadata)."""
     if not name or Path(name).exists():
         return None
     try:
@@ -112,9 +126,7 @@ def _format(value: Any) -> str:
 
 
 def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
-    hidden = set(_KL_DETAIL_KEYS) if config.get("kl_penalty") is False else set()
-    if "kl_in_reward" in config:
-        hidden.add("kl_beta" if config["kl_in_reward"] else "kl_normalized_coeff")
+    hidden = _UNUSED_KL_KEYS[KLMode.from_config(config)]
     rows = []
     for label, keys in _CONFIG_ROWS:
         key = next((k for k in keys if k in config and k not in hidden), None)
@@ -124,7 +136,7 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _points(history: list[dict[str, Any]], *keys: str) -> list[tuple[float, ...]]:
-    """``(epoch, value of each key)`` for the epochs where every key has a value (epoch defaults to the index)."""
+    """`(epoch, value of each key)` for the epochs where every key has a value (epoch defaults to the index)."""
     return [
         (float(entry.get("epoch", i)), *(float(entry[key]) for key in keys))
         for i, entry in enumerate(history)
@@ -136,15 +148,40 @@ def _has_curves(history: list[dict[str, Any]]) -> bool:
     return any(_points(history, key) for _, key, _ in _CURVES)
 
 
-def save_training_curves(history: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Plot reward mean ± std, KL mean and MRC mean per epoch into a PNG at ``path`` (written atomically).
+def mrc_direction(history: list[dict[str, Any]], higher_is_better: bool | None = None) -> bool | None:
+    """Whether a higher MRC is better: `higher_is_better` when given, else read from the history (MRC rewards are
+    +MRC for PSNR, -MRC for LPIPS and MSE); `None` when the history does not tell."""
+    if higher_is_better is not None:
+        return higher_is_better
+    pairs = [(reward, mrc) for _, reward, mrc in _points(history, "reward_mean", "mrc_mean")]
+    for sign, direction in ((1.0, True), (-1.0, False)):
+        if pairs and all(math.isclose(reward, sign * mrc, rel_tol=1e-4, abs_tol=1e-8) for reward, mrc in pairs):
+            return direction
+    return None
 
-    Returns the path, or None (writing nothing) when ``history`` holds none of those metrics.
+
+def curve_titles(history: list[dict[str, Any]], mrc_higher_is_better: bool | None = None) -> dict[str, str]:
+    """The title of each training-curve panel by its key; the MRC panel names the metric's direction."""
+    titles = {key: title for title, key, _ in _CURVES}
+    direction = mrc_direction(history, mrc_higher_is_better)
+    if direction is not None:
+        titles["mrc_mean"] += f" ({'higher' if direction else 'lower'} is better)"
+    return titles
+
+
+def save_training_curves(
+    history: list[dict[str, Any]], path: str | Path, mrc_higher_is_better: bool | None = None
+) -> Path | None:
+    """Plot reward mean ± std, KL mean and MRC mean per epoch into a PNG at `path` (written atomically).
+
+    Returns the path, or None (writing nothing) when `history` holds none of those metrics. The MRC panel's title
+    says the metric's direction ([`mrc_direction`]).
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.ticker import MaxNLocator
 
-    panels = [(title, key, std_key) for title, key, std_key in _CURVES if _points(history, key)]
+    titles = curve_titles(history, mrc_higher_is_better)
+    panels = [(titles[key], key, std_key) for _, key, std_key in _CURVES if _points(history, key)]
     if not panels:
         return None
     fig = Figure(figsize=(4.5 * len(panels), 3.5), layout="constrained")
@@ -186,10 +223,10 @@ def _sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def render_model_card(info: ModelCardInfo) -> str:
-    """Render the model card (YAML metadata and markdown body) from ``model_card_template.md``.
+    """Render the model card (YAML metadata and markdown body) from `model_card_template.md`.
 
-    The body links ``training_curves.png`` when ``info.history`` holds reward, KL or MRC values; write the figure
-    with :func:`save_training_curves` (or use :func:`write_model_card`, which does both).
+    The body links `training_curves.png` when `info.history` holds reward, KL or MRC values; write the figure
+    with [`save_training_curves`] (or use [`write_model_card`], which does both).
     """
     base_hub_id = _hub_id(info.base_model)
     dataset_hub_id = _hub_id(info.prompt_dataset)
@@ -230,14 +267,14 @@ def render_model_card(info: ModelCardInfo) -> str:
 
 
 def write_model_card(folder: str | Path, info: ModelCardInfo) -> Path:
-    """Write ``README.md`` and, when there is a history, ``training_curves.png`` into ``folder``; return the card path.
+    """Write `README.md` and, when there is a history, `training_curves.png` into `folder`; return the card path.
 
-    Both files are written atomically. Sample images are not copied: their paths must exist relative to ``folder``
+    Both files are written atomically. Sample images are not copied: their paths must exist relative to `folder`
     (a warning names the missing ones).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_training_curves(info.history, folder / TRAINING_CURVES_FILENAME)
+    save_training_curves(info.history, folder / TRAINING_CURVES_FILENAME, info.mrc_higher_is_better)
     for sample in info.samples:
         for key in ("image", "render"):
             if sample.get(key) and not (folder / sample[key]).is_file():

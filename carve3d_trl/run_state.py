@@ -27,7 +27,7 @@ def _checkpoint_number(path: Path, prefix: str) -> int | None:
 
 
 def list_checkpoints(root: str | os.PathLike[str], prefix: str = CHECKPOINT_PREFIX) -> list[Path]:
-    """Folders ``<root>/<prefix><int>`` sorted by their number; temporary and unparsable entries are ignored."""
+    """Folders `<root>/<prefix><int>` sorted by their number; temporary and unparsable entries are ignored."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -36,13 +36,13 @@ def list_checkpoints(root: str | os.PathLike[str], prefix: str = CHECKPOINT_PREF
 
 
 def latest_checkpoint(root: str | os.PathLike[str], prefix: str = CHECKPOINT_PREFIX) -> Path | None:
-    """The highest-numbered checkpoint folder under ``root``, or None."""
+    """The highest-numbered checkpoint folder under `root`, or None."""
     checkpoints = list_checkpoints(root, prefix)
     return checkpoints[-1] if checkpoints else None
 
 
 def prune_checkpoints(root: str | os.PathLike[str], limit: int | None, prefix: str = CHECKPOINT_PREFIX) -> list[Path]:
-    """Delete all but the newest ``limit`` checkpoints (``None`` or ``<= 0`` keeps all); return the deleted paths.
+    """Delete all but the newest `limit` checkpoints (`None` or `<= 0` keeps all); return the deleted paths.
 
     Each deletion is crash-safe ([`~carve3d_trl.atomic.atomic_remove_directory`]).
     """

@@ -29,8 +29,17 @@ class TinyPipelineSpec:
         image_size (`int`): Height and width of the generated grid image, in pixels.
         grid (`tuple[int, int]`): Rows and columns of views in the grid; `image_size` must divide by both.
         vae_blocks (`int`): VAE resolution levels; the latent is `image_size / 2 ** (vae_blocks - 1)` pixels wide.
-        unet_channels (`tuple[int, ...]`): UNet block widths (one block with cross-attention per entry).
+        unet_channels (`tuple[int, ...]`): UNet block widths (one down and one up block per entry).
         text_hidden_size (`int`): Width of the CLIP text encoder (and the UNet's cross-attention).
+        layers_per_block (`int`): ResNet (and attention) layers in each UNet down block.
+        cross_attention_blocks (`int`, *optional*): How many blocks have cross-attention: the first ones going down
+            and the last ones going up (Stable Diffusion 1.5: 3 of 4). Default: all of them.
+        norm_num_groups (`int`): Group-norm groups of the UNet (every width must divide by it).
+        attention_head_dim (`int`): diffusers' `attention_head_dim` of the UNet (the number of heads, in SD 1.x).
+
+    The defaults are the tiny model of the tests. Stable Diffusion 1.5's UNet (about 860M parameters) is
+    `unet_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_blocks=3, norm_num_groups=32,
+    text_hidden_size=768` (its VAE and text encoder stay tiny here).
     """
 
     image_size: int = 64
@@ -38,6 +47,10 @@ class TinyPipelineSpec:
     vae_blocks: int = 2
     unet_channels: tuple[int, ...] = (32, 64)
     text_hidden_size: int = 32
+    layers_per_block: int = 1
+    cross_attention_blocks: int | None = None
+    norm_num_groups: int = 8
+    attention_head_dim: int = 8
 
     @property
     def latent_size(self) -> int:
@@ -49,6 +62,24 @@ class TinyPipelineSpec:
             raise ValueError(f"image_size {self.image_size} does not split into a {rows}x{cols} grid of views.")
         if self.image_size % 2 ** (self.vae_blocks - 1):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2 ** (vae_blocks - 1).")
+        blocks = len(self.unet_channels)
+        if self.cross_attention_blocks is not None and not 0 <= self.cross_attention_blocks <= blocks:
+            raise ValueError(
+                f"cross_attention_blocks must be between 0 and {blocks}, got {self.cross_attention_blocks}."
+            )
+        if any(width % self.norm_num_groups for width in self.unet_channels):
+            raise ValueError(
+                f"Every UNet width {self.unet_channels} must divide by norm_num_groups {self.norm_num_groups}."
+            )
+
+    @property
+    def unet_block_types(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The UNet's down and up block types: cross-attention blocks first going down and last going up."""
+        blocks = len(self.unet_channels)
+        attention = blocks if self.cross_attention_blocks is None else self.cross_attention_blocks
+        down = ("CrossAttnDownBlock2D",) * attention + ("DownBlock2D",) * (blocks - attention)
+        up = ("UpBlock2D",) * (blocks - attention) + ("CrossAttnUpBlock2D",) * attention
+        return down, up
 
 
 def build_tiny_tokenizer(save_directory: str | Path, model_max_length: int = 32):
@@ -65,21 +96,22 @@ def build_tiny_tokenizer(save_directory: str | Path, model_max_length: int = 32)
 
 
 def _tiny_unet(spec: TinyPipelineSpec, **extra):
-    """The tiny UNet: one cross-attention block per `spec.unet_channels` entry; `extra` adds config fields (SDXL's
-    added conditioning)."""
+    """The tiny UNet: one down and one up block per `spec.unet_channels` entry (with cross-attention as
+    `spec.cross_attention_blocks` says); `extra` adds config fields (SDXL's added conditioning)."""
     from diffusers import UNet2DConditionModel
 
+    down_block_types, up_block_types = spec.unet_block_types
     return UNet2DConditionModel(
         sample_size=spec.latent_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=spec.unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * len(spec.unet_channels),
-        up_block_types=("CrossAttnUpBlock2D",) * len(spec.unet_channels),
+        layers_per_block=spec.layers_per_block,
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
         cross_attention_dim=spec.text_hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=8,
+        attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=spec.norm_num_groups,
         **extra,
     )
 

@@ -17,11 +17,9 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from trl import DDPOConfig, DDPOTrainer
 from trl.models import DDPOStableDiffusionPipeline
 
-from .atomic import atomic_directory
 from .batches import SampledBatch, ScoredBatch
-from .config import Carve3DConfig
+from .config import as_carve3d_config
 from .distributed import ensure_process_state
-from .hub import push_folder_to_hub
 from .image_logging import LoggedSample, collect_samples
 from .interrupts import (
     StopRequest,
@@ -32,7 +30,7 @@ from .interrupts import (
     stop_on_signals,
 )
 from .kl import KLMode, KLReference
-from .model_folder import write_model_folder
+from .model_folder import ModelFolderMixin
 from .pipelines import (
     Conditioning,
     concat_conditioning,
@@ -47,21 +45,14 @@ from .prompts import PromptCycler, load_prompts
 from .rewards.metadata import per_sample_values
 from .run_state import RunCheckpoints, resolve_checkpoint
 from .stats import PromptStatTracker, compute_advantages
+from .trl_compat import UnsupportedTRLMethods
 
 logger = logging.getLogger(__name__)
 
 NUM_CARD_SAMPLES = 4
 
 
-def as_carve3d_config(config: DDPOConfig) -> Carve3DConfig:
-    """Return `config` itself if it is a `Carve3DConfig`, else the equivalent with Carve3D's additions turned off."""
-    if isinstance(config, Carve3DConfig):
-        return config
-    fields = {k: v for k, v in vars(config).items() if k in Carve3DConfig.__dataclass_fields__}
-    return Carve3DConfig(**fields, on_policy=False, kl_penalty=False, kl_log=False, warmup_first_epoch=False)
-
-
-class Carve3DTrainer(DDPOTrainer):
+class Carve3DTrainer(ModelFolderMixin, UnsupportedTRLMethods, DDPOTrainer):
     """DDPO with Carve3D's changes: pure on-policy batching, a KL penalty against the base model normalised per
     prompt, and per-prompt statistics keyed on the prompts and checkpointed with the run.
 
@@ -590,128 +581,12 @@ class Carve3DTrainer(DDPOTrainer):
             self.sd_pipeline.save_checkpoint(models, weights, output_dir)
         weights.pop()  # accelerate must not save the model itself
 
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        *,
-        config: dict | None = None,
-        repo_id: str | None = None,
-        push_to_hub: bool = False,
-        model_card_kwargs: dict[str, Any] | None = None,
-        **push_to_hub_kwargs,
-    ) -> str | None:
-        """Save the trained weights with a model card, atomically, into `save_directory` (TRL's crashes).
-
-        The folder holds `pytorch_lora_weights.safetensors` (diffusers format; the full UNet under `unet/` without
-        LoRA), `README.md` rendered from `model_card_template.md`, `carve3d_config.json` (the training config, or
-        `config` when given), `training_history.json` (per-epoch reward/KL/MRC), `training_curves.png` and
-        `samples/` (the last epoch's grids beside their renders). `model_card_kwargs` override `ModelCardInfo`
-        fields (e.g. `license`, `prompt_dataset`). With `push_to_hub`, also uploads it to `repo_id` and returns the
-        commit URL.
-        """
-        save_directory = Path(save_directory)
-        if self.accelerator.is_main_process:
-            with atomic_directory(save_directory) as tmp:
-                write_model_folder(
-                    tmp,
-                    self.sd_pipeline,
-                    training_config=config if config is not None else self.config.to_dict(),
-                    history=self.history,
-                    samples=self.card_samples,
-                    repo_id=repo_id,
-                    prompt_dataset=self.config.prompt_dataset or None,
-                    card_overrides=model_card_kwargs,
-                )
-        self.accelerator.wait_for_everyone()
-        if push_to_hub:
-            if repo_id is None:
-                raise ValueError("`push_to_hub=True` needs a `repo_id`.")
-            return self._upload(save_directory, repo_id, **push_to_hub_kwargs)
-        return None
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        config: dict | None = None,
-        commit_message: str = "Upload Carve3D LoRA",
-        private: bool | None = None,
-        token: str | None = None,
-        branch: str | None = None,
-        create_pr: bool | None = None,
-        allow_patterns: list[str] | str | None = None,
-        ignore_patterns: list[str] | str | None = None,
-        delete_patterns: list[str] | str | None = None,
-        model_card_kwargs: dict[str, Any] | None = None,
-    ) -> str:
-        """Save the model folder under `<logdir>/hub/<repo name>` and upload it to the Hub model repo `repo_id`.
-
-        Transient network errors are retried; when the upload fails for good, `HubUploadError` says where the local
-        folder is kept. Returns the commit URL. (`create_pr`, `allow_patterns`, `ignore_patterns` and
-        `delete_patterns` are accepted for signature compatibility and not supported.)
-        """
-        unsupported = dict(create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
-        unsupported["delete_patterns"] = delete_patterns
-        given = [name for name, value in unsupported.items() if value]
-        if given:
-            raise ValueError(f"push_to_hub does not support {given}; upload the saved folder yourself for those.")
-        folder = Path(self.config.logdir) / "hub" / repo_id.replace("/", "--")
-        self.save_pretrained(folder, config=config, repo_id=repo_id, model_card_kwargs=model_card_kwargs)
-        return self._upload(
-            folder, repo_id, commit_message=commit_message, private=private, token=token, branch=branch
-        )
-
-    def _upload(self, folder: Path, repo_id: str, branch: str | None = None, **kwargs) -> str:
-        url = ""
-        if self.accelerator.is_main_process:
-            url = push_folder_to_hub(folder, repo_id, revision=branch, **kwargs)
-        self.accelerator.wait_for_everyone()
-        return url
-
     def _load_model_hook(self, models, input_dir):
         if getattr(self.sd_pipeline, "use_lora", False):
             load_lora_into_unet_adapter(self.sd_pipeline.unet, input_dir)
             models.pop()  # accelerate must not load the model itself
         else:
             super()._load_model_hook(models, input_dir)
-
-    # ------------------------------------------------------------------ TRL methods that cannot work here
-
-    def _save_pretrained(self, save_directory) -> None:
-        """TRL's hub-mixin hook: the working [`save_pretrained`]."""
-        self.save_pretrained(save_directory)
-
-    def create_model_card(self, *args, **kwargs):
-        """TRL's card code is written for `transformers.Trainer`; the card comes with [`save_pretrained`]."""
-        raise NotImplementedError(
-            "Carve3DTrainer.create_model_card is TRL's transformers.Trainer code and cannot work here; "
-            "`trainer.save_pretrained(folder)` writes the model card (README.md) with the weights."
-        )
-
-    def generate_model_card(self, *args, **kwargs):
-        """The hub mixin's card; the card comes with [`save_pretrained`]."""
-        raise NotImplementedError(
-            "Carve3DTrainer.generate_model_card cannot describe a DDPO run; "
-            "`trainer.save_pretrained(folder)` writes the model card (README.md) with the weights."
-        )
-
-    def _save_checkpoint(self, *args, **kwargs):
-        """TRL's `transformers.Trainer` checkpoint hook; checkpoints are [`save_checkpoint`]'s."""
-        raise NotImplementedError(
-            "Carve3DTrainer._save_checkpoint is TRL's transformers.Trainer hook and cannot work here; "
-            "use `trainer.save_checkpoint(epoch)` (resume with Carve3DConfig(resume_from=...))."
-        )
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """The hub mixin's loader cannot rebuild a trainer from a saved model folder."""
-        raise NotImplementedError(
-            "Carve3DTrainer.from_pretrained cannot rebuild a trainer. Load a trained LoRA with diffusers "
-            "(`pipe.load_lora_weights(folder)`, see the model card), or resume a run with "
-            "Carve3DConfig(resume_from='<logdir or checkpoint>')."
-        )
-
-    _from_pretrained = from_pretrained
 
 
 def _mean(values: np.ndarray) -> float:

@@ -3,7 +3,8 @@
 - `conditioning.py`: the [`PromptConditioner`] protocol every family implements, and guidance.
 - `sampling.py`: the one DDIM loop with log-probabilities, transition log-probabilities (the KL reference), decode.
 - `lora.py`: LoRA adapters: adding, writing (diffusers format), loading in place. `mixin.py`: what pipelines share.
-- `stable_diffusion.py`, `stable_diffusion_xl.py`: each family's conditioner and pipeline.
+- `stable_diffusion.py`, `stable_diffusion_xl.py` (grid models), `view_batched.py` (MVDream's architecture): each
+  family's conditioner and pipeline; `wrapped.py`: TRL's DDPO interface over a diffusers pipeline.
 - `loading.py`: family detection, `load_ddpo_pipeline`, `conditioner_of`.
 """
 
@@ -15,30 +16,59 @@ from .conditioning import (
     repeat_conditioning,
     split_conditioning,
 )
-from .loading import FAMILIES, PIPELINES, conditioner_of, detect_family, load_ddpo_pipeline, resolve_family
-from .lora import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, load_lora_into_unet_adapter, save_unet_weights
+from .loading import (
+    FAMILIES,
+    GRID_FAMILIES,
+    PIPELINES,
+    conditioner_of,
+    detect_family,
+    load_ddpo_pipeline,
+    resolve_family,
+)
+from .lora import (
+    DEFAULT_LORA_TARGETS,
+    LORA_WEIGHT_NAME,
+    add_lora_adapter,
+    load_lora_into_unet_adapter,
+    save_unet_weights,
+)
 from .mixin import Carve3DPipelineMixin
 from .sampling import decode_latents, sample_with_log_probs, transition_log_probs
 from .stable_diffusion import Carve3DStableDiffusionPipeline, StableDiffusionConditioner
 from .stable_diffusion_xl import Carve3DStableDiffusionXLPipeline, StableDiffusionXLConditioner
+from .view_batched import (
+    Carve3DViewBatchedPipeline,
+    MultiViewAttnProcessor,
+    MultiViewDiffusionPipeline,
+    ViewBatchedConditioner,
+    install_multiview_attention,
+    tile_views_for_display,
+)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "FAMILIES",
+    "GRID_FAMILIES",
     "LORA_WEIGHT_NAME",
     "PIPELINES",
     "Carve3DPipelineMixin",
     "Carve3DStableDiffusionPipeline",
     "Carve3DStableDiffusionXLPipeline",
+    "Carve3DViewBatchedPipeline",
+    "MultiViewAttnProcessor",
+    "MultiViewDiffusionPipeline",
     "Conditioning",
     "PromptConditioner",
     "StableDiffusionConditioner",
     "StableDiffusionXLConditioner",
+    "ViewBatchedConditioner",
+    "add_lora_adapter",
     "concat_conditioning",
     "conditioner_of",
     "decode_latents",
     "detect_family",
     "guided_noise",
+    "install_multiview_attention",
     "load_ddpo_pipeline",
     "load_lora_into_unet_adapter",
     "repeat_conditioning",
@@ -46,5 +76,6 @@ __all__ = [
     "sample_with_log_probs",
     "save_unet_weights",
     "split_conditioning",
+    "tile_views_for_display",
     "transition_log_probs",
 ]

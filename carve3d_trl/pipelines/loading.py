@@ -1,5 +1,6 @@
-"""Which model family serves a model or a pipeline: Stable Diffusion 1.x/2.x (`"sd"`) or Stable Diffusion XL
-(`"sdxl"`), and the DDPO pipeline and conditioner of each."""
+"""Which model family serves a model or a pipeline: Stable Diffusion 1.x/2.x (`"sd"`) and Stable Diffusion XL
+(`"sdxl"`), both grid models, or view-batched (`"view_batched"`, MVDream's architecture), and the DDPO pipeline and
+conditioner of each."""
 
 from __future__ import annotations
 
@@ -8,24 +9,33 @@ from typing import Any
 from .conditioning import PromptConditioner
 from .stable_diffusion import Carve3DStableDiffusionPipeline, StableDiffusionConditioner
 from .stable_diffusion_xl import Carve3DStableDiffusionXLPipeline, StableDiffusionXLConditioner
+from .view_batched import Carve3DViewBatchedPipeline, MultiViewDiffusionPipeline
 
-PIPELINES = {"sd": Carve3DStableDiffusionPipeline, "sdxl": Carve3DStableDiffusionXLPipeline}
+PIPELINES = {
+    "sd": Carve3DStableDiffusionPipeline,
+    "sdxl": Carve3DStableDiffusionXLPipeline,
+    "view_batched": Carve3DViewBatchedPipeline,
+}
 FAMILIES = ("auto", *PIPELINES)
+GRID_FAMILIES = ("sd", "sdxl")  # one image tiled with the views
 
 
 def detect_family(pretrained_model_name: str, revision: str = "main") -> str:
-    """`"sdxl"` when the model's `model_index.json` names an SDXL pipeline class or a second text encoder, else
-    `"sd"` (only that file is read: a local folder, or one file from the Hub)."""
+    """`"view_batched"` when the model's `model_index.json` names [`MultiViewDiffusionPipeline`], `"sdxl"` when it
+    names an SDXL pipeline class or a second text encoder, else `"sd"` (only that file is read: a local folder, or one
+    file from the Hub)."""
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(str(pretrained_model_name), revision=revision)
+    if index.get("_class_name") == MultiViewDiffusionPipeline.__name__:
+        return "view_batched"
     second_encoder = index.get("text_encoder_2") or [None, None]
     is_sdxl = "StableDiffusionXL" in index.get("_class_name", "") or second_encoder[0] is not None
     return "sdxl" if is_sdxl else "sd"
 
 
 def resolve_family(pretrained_model_name: str, family: str = "auto", revision: str = "main") -> str:
-    """`"sd"` or `"sdxl"`: `family` itself, or with `"auto"` what [`detect_family`] reads from the model."""
+    """`"sd"`, `"sdxl"` or `"view_batched"`: `family` itself, or with `"auto"` what [`detect_family`] reads."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown pipeline family {family!r}; choose one of {FAMILIES}.")
     return detect_family(pretrained_model_name, revision) if family == "auto" else family
@@ -33,7 +43,7 @@ def resolve_family(pretrained_model_name: str, family: str = "auto", revision: s
 
 def load_ddpo_pipeline(
     pretrained_model_name: str, *, family: str = "auto", pretrained_model_revision: str = "main", **kwargs: Any
-) -> Carve3DStableDiffusionPipeline | Carve3DStableDiffusionXLPipeline:
+) -> Carve3DStableDiffusionPipeline | Carve3DStableDiffusionXLPipeline | Carve3DViewBatchedPipeline:
     """The Carve3D DDPO pipeline of `family` (`"auto"`: [`detect_family`]) for a model; `kwargs` go to its
     constructor (`use_lora`, `lora_rank`, ...)."""
     family = resolve_family(pretrained_model_name, family, pretrained_model_revision)

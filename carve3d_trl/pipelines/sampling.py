@@ -40,29 +40,28 @@ def sample_with_log_probs(
             log-probabilities).
         generator (`torch.Generator` or `list[torch.Generator]`, *optional*): One generator, or one per sample so that
             a sample's noise does not depend on the rest of its batch.
-        latents (`torch.Tensor`, *optional*): The initial noise `(B, C, h, w)`; drawn from `generator` when omitted.
+        latents (`torch.Tensor`, *optional*): The initial noise, of the conditioner's
+            [`~PromptConditioner.latent_shape`]: `(B, C, h, w)`, or `(B, V, C, h, w)` for a view-batched model;
+            drawn from `generator` when omitted.
 
     Returns:
-        `DDPOPipelineOutput`: `images` `(B, 3, H, W)` in [0, 1], `latents` (`T + 1` tensors `(B, C, h, w)`, the
-        initial noise first) and `log_probs` (`T` tensors `(B,)`).
+        `DDPOPipelineOutput`: `images` `(B, 3, H, W)` in [0, 1] (`(B, V, 3, H, W)`: V views), `latents` (`T + 1`
+        tensors of the latent shape, the initial noise first) and `log_probs` (`T` tensors `(B,)`: one action per
+        sample, whatever its number of views).
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     batch_size = next(iter(conditioning.values())).shape[0]
-    latent_size = unet.config.sample_size
-    height, width = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
     dtype = next(iter(conditioning.values())).dtype
     device = unet.device
     if negative is not None and guidance_scale <= 1.0:
         negative = None
 
     scheduler.set_timesteps(num_inference_steps, device=device)
-    shape = (batch_size, unet.config.in_channels, height, width)
+    shape = conditioner.latent_shape(unet, batch_size)
     if latents is None:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    elif latents.shape != shape:
-        raise ValueError(
-            f"`latents` must have shape {shape} (batch, channels, latent height, width), got {latents.shape}."
-        )
+    elif tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"`latents` must have the model's latent shape {tuple(shape)}, got {tuple(latents.shape)}.")
     latents = latents.to(device, dtype) * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     for timestep in scheduler.timesteps:
@@ -119,8 +118,10 @@ def transition_log_probs(
 
 @torch.no_grad()
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Decode latents `(B, C, h, w)` to images `(B, 3, H, W)` in [0, 1]; a half-precision VAE that asks for it
-    (`force_upcast`, as SDXL's) decodes in float32."""
+    """Decode latents `(B, C, h, w)` to images `(B, 3, H, W)` in [0, 1] (views `(B, V, C, h, w)` to
+    `(B, V, 3, H, W)`); a half-precision VAE that asks for it (`force_upcast`, as SDXL's) decodes in float32."""
+    if latents.ndim == 5:
+        return decode_latents(vae, latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
     upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     dtype = torch.float32 if upcast else vae.dtype
     if upcast:

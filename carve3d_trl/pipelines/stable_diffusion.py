@@ -10,13 +10,13 @@ from trl import DefaultDDPOStableDiffusionPipeline
 from trl.models.modeling_sd_base import DDPOPipelineOutput
 
 from ..distributed import ensure_process_state
-from .conditioning import Conditioning, repeat_conditioning
+from .conditioning import Conditioning, ImageConditioner, repeat_conditioning
 from .lora import DEFAULT_LORA_TARGETS
 from .mixin import Carve3DPipelineMixin
 from .sampling import Generators, sample_with_log_probs
 
 
-class StableDiffusionConditioner:
+class StableDiffusionConditioner(ImageConditioner):
     """Stable Diffusion 1.x/2.x: the CLIP text encoder's last hidden states, `{"prompt_embeds": (B, L, D)}`.
 
     Args:

@@ -3,24 +3,19 @@ TRL's interface."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from trl import DDPOStableDiffusionPipeline
-from trl.models.modeling_sd_base import DDPOPipelineOutput, DDPOSchedulerOutput, scheduler_step
 
-from .conditioning import Conditioning, repeat_conditioning
-from .lora import DEFAULT_LORA_TARGETS, save_unet_weights
-from .mixin import Carve3DPipelineMixin
-from .sampling import Generators, sample_with_log_probs
+from .conditioning import Conditioning, ImageConditioner, repeat_conditioning
+from .lora import DEFAULT_LORA_TARGETS
+from .wrapped import WrappedDDPOPipeline
 
 Size = tuple[int, int]
 
 
-class StableDiffusionXLConditioner:
+class StableDiffusionXLConditioner(ImageConditioner):
     """Stable Diffusion XL: `{"prompt_embeds": (B, L, D1 + D2), "pooled_prompt_embeds": (B, P),
     "add_time_ids": (B, 6)}`, encoded by diffusers' `StableDiffusionXLPipeline.encode_prompt` (both encoders'
     penultimate hidden states concatenated; the pooled projection of the second encoder).
@@ -97,7 +92,7 @@ class StableDiffusionXLConditioner:
         self.pipeline.text_encoder_2.to(device, dtype=dtype)
 
 
-class Carve3DStableDiffusionXLPipeline(Carve3DPipelineMixin, DDPOStableDiffusionPipeline):
+class Carve3DStableDiffusionXLPipeline(WrappedDDPOPipeline):
     """TRL's `DDPOStableDiffusionPipeline` interface for an SDXL model, sampling with DDIM as TRL does for SD.
 
     `Carve3DTrainer` trains it through the same code path as Stable Diffusion: the pipeline's `conditioner` (a
@@ -133,20 +128,10 @@ class Carve3DStableDiffusionXLPipeline(Carve3DPipelineMixin, DDPOStableDiffusion
         target_size: Size | None = None,
         crops_coords_top_left: Size = (0, 0),
     ):
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLPipeline
 
-        self._set_lora_options(lora_rank, lora_alpha, lora_target_modules)
-        self.pretrained_model = str(pretrained_model_name)
-        self.pretrained_revision = pretrained_model_revision
-        self.use_lora = use_lora
-        self.sd_pipeline = StableDiffusionXLPipeline.from_pretrained(
-            self.pretrained_model, revision=pretrained_model_revision
-        )
-        self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
-        self.sd_pipeline.vae.requires_grad_(False)
-        self.sd_pipeline.text_encoder.requires_grad_(False)
-        self.sd_pipeline.text_encoder_2.requires_grad_(False)
-        self.sd_pipeline.unet.requires_grad_(not use_lora)
+        lora_options = (lora_rank, lora_alpha, lora_target_modules)
+        self._load(StableDiffusionXLPipeline, pretrained_model_name, pretrained_model_revision, use_lora, lora_options)
         self.conditioner = StableDiffusionXLConditioner(
             self.sd_pipeline,
             original_size=original_size,
@@ -155,79 +140,10 @@ class Carve3DStableDiffusionXLPipeline(Carve3DPipelineMixin, DDPOStableDiffusion
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
         )
 
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | None = None,
-        *,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        eta: float = 1.0,
-        generator: Generators = None,
-    ) -> DDPOPipelineOutput:
-        """Sample one image per prompt with DDIM, recording latents and log-probabilities.
-
-        Returns:
-            `DDPOPipelineOutput`: `images` `(B, 3, H, W)` in [0, 1], `latents` (`T + 1` tensors `(B, 4, h, w)`) and
-            `log_probs` (`T` tensors `(B,)`).
-        """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        conditioning = self.conditioner.encode(prompts)
-        negative = None
-        if guidance_scale > 1.0:
-            negative = self.conditioner.encode_negative(negative_prompt or "", len(prompts))
-        return sample_with_log_probs(
-            self,
-            self.conditioner,
-            conditioning,
-            negative,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            generator=generator,
-        )
-
-    def scheduler_step(self, *args, **kwargs) -> DDPOSchedulerOutput:
-        """TRL's DDIM step with log-probability (`prev_sample=` scores a given `x_{t-1}`)."""
-        return scheduler_step(self.sd_pipeline.scheduler, *args, **kwargs)
-
-    @property
-    def unet(self):
-        return self.sd_pipeline.unet
-
-    @property
-    def vae(self):
-        return self.sd_pipeline.vae
-
-    @property
-    def scheduler(self):
-        return self.sd_pipeline.scheduler
-
-    @property
-    def tokenizer(self):
-        return self.sd_pipeline.tokenizer
-
     @property
     def tokenizer_2(self):
         return self.sd_pipeline.tokenizer_2
 
     @property
-    def text_encoder(self):
-        return self.sd_pipeline.text_encoder
-
-    @property
     def text_encoder_2(self):
         return self.sd_pipeline.text_encoder_2
-
-    @property
-    def autocast(self):
-        """No autocast with LoRA (the frozen UNet runs in the inference dtype); the trainer's otherwise."""
-        return contextlib.nullcontext if self.use_lora else None
-
-    def set_progress_bar_config(self, *args, **kwargs) -> None:
-        self.sd_pipeline.set_progress_bar_config(*args, **kwargs)
-
-    def save_pretrained(self, output_dir: str | Path) -> None:
-        """Write the trained weights: the LoRA as `pytorch_lora_weights.safetensors` (diffusers SDXL format), or the
-        full UNet under `unet/`."""
-        save_unet_weights(self, Path(output_dir))
