@@ -42,7 +42,15 @@ from .rewards.metadata import RewardMetadata
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageSamplesLogger", "LoggedSample", "collect_samples", "grid_shape", "tile_renders_like", "to_uint8_hwc"]
+__all__ = [
+    "ImageSamplesLogger",
+    "LoggedSample",
+    "collect_samples",
+    "grid_shape",
+    "tile_renders_like",
+    "tile_views_grid",
+    "to_uint8_hwc",
+]
 
 
 @dataclass
@@ -116,6 +124,18 @@ def tile_renders_like(
     return tiles.permute(2, 0, 3, 1, 4).reshape(channels, height, width)
 
 
+def tile_views_grid(views: torch.Tensor, cols: int | None = None) -> torch.Tensor:
+    """Tile views `(B, V, 3, h, w)` row-major into grids `(B, 3, rows * h, cols * w)` for display; `cols` defaults
+    to the most square layout (2x2 for 4 views, 1 x V for a prime V)."""
+    batch, num_views, channels, height, width = views.shape
+    cols = cols or min(c for c in range(math.isqrt(num_views), num_views + 1) if num_views % c == 0)
+    if num_views % cols:
+        raise ValueError(f"{num_views} views do not fill rows of {cols} columns.")
+    rows = num_views // cols
+    tiles = views.reshape(batch, rows, cols, channels, height, width)
+    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, rows * height, cols * width)
+
+
 def _item(values: Any, index: int) -> float | None:
     if values is None:
         return None
@@ -129,13 +149,20 @@ def collect_samples(
     grid: tuple[int, int] | None = None,
     background: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> list[LoggedSample]:
-    """The first `limit` samples of the scored batches (with the renders and MRC of a [`RewardMetadata`])."""
+    """The first `limit` samples of the scored batches (with the renders and MRC of a [`RewardMetadata`]).
+
+    A grid image `(3, H, W)` is logged as it is; the views of a view-batched sample `(V, 3, h, w)` are tiled first
+    ([`tile_views_grid`], or as `grid` when given), and its renders in the same layout.
+    """
     samples: list[LoggedSample] = []
     for images, prompts, _, rewards, reward_metadata in prompt_image_data:
         metadata: RewardMetadata = reward_metadata if isinstance(reward_metadata, dict) else {}
         renders, mrc = metadata.get("renders"), metadata.get("mrc")
         for i in range(min(limit - len(samples), len(prompts))):
             image = images[i].detach().float().cpu().clamp(0, 1)
+            if image.ndim == 4:  # views
+                cols = grid[1] if grid is not None else None
+                image = tile_views_grid(image[None], cols)[0]
             tiled = None
             if renders is not None:
                 tiled = tile_renders_like(renders[i], image.shape[1], image.shape[2], grid, background)

@@ -88,6 +88,10 @@ class ModelCardInfo:
         extra_tags (`list[str]`, *optional*): Hub tags added to [`BASE_TAGS`].
         pipeline_class (`str`, *optional*, defaults to `"StableDiffusionPipeline"`): The diffusers pipeline class that
             loads the base model and the LoRA in the usage snippet.
+        pipeline_module (`str`, *optional*, defaults to `"diffusers"`): Where the snippet imports it from
+            (`"carve3d_trl.pipelines"` for [`MultiViewDiffusionPipeline`]).
+        view_batched (`bool`, *optional*, defaults to `False`): The model emits views `(V, 3, H, W)` rather than one
+            grid image (the snippet saves them tiled).
         mrc_higher_is_better (`bool`, *optional*): The MRC metric's direction (PSNR: higher is better; LPIPS, MSE:
             lower), for the MRC curve's title; read from the history (reward = +MRC or -MRC) when not given.
     """
@@ -101,6 +105,8 @@ class ModelCardInfo:
     samples: list[dict[str, Any]] = field(default_factory=list)
     extra_tags: list[str] = field(default_factory=list)
     pipeline_class: str = "StableDiffusionPipeline"
+    pipeline_module: str = "diffusers"
+    view_batched: bool = False
     mrc_higher_is_better: bool | None = None
 
 
@@ -248,6 +254,8 @@ def render_model_card(info: ModelCardInfo) -> str:
         title=info.repo_id.split("/")[-1] if info.repo_id else "Carve3D LoRA",
         base_model=info.base_model,
         pipeline_class=info.pipeline_class,
+        pipeline_module=info.pipeline_module,
+        view_batched=info.view_batched,
         base_model_link=(
             f"[{base_hub_id}](https://huggingface.co/{base_hub_id})" if base_hub_id else f"`{info.base_model}`"
         ),

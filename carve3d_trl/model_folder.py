@@ -63,11 +63,14 @@ def write_model_folder(
         card_overrides (`dict`, *optional*): [`ModelCardInfo`] fields to override (e.g. `license`).
     """
     save_unet_weights(ddpo_pipeline, folder)
+    pipeline_class = type(ddpo_pipeline.sd_pipeline)
     atomic_write_json(folder / CONFIG_NAME, training_config)
     atomic_write_json(folder / HISTORY_NAME, history)
     info = ModelCardInfo(
         base_model=str(getattr(ddpo_pipeline, "pretrained_model", "")),
-        pipeline_class=type(ddpo_pipeline.sd_pipeline).__name__,  # the diffusers class that loads the LoRA
+        pipeline_class=pipeline_class.__name__,  # the diffusers class that loads the LoRA
+        pipeline_module="diffusers" if pipeline_class.__module__.startswith("diffusers") else "carve3d_trl.pipelines",
+        view_batched=hasattr(ddpo_pipeline, "num_views"),
         repo_id=repo_id,
         prompt_dataset=prompt_dataset,
         training_config={**training_config, "lora_rank": getattr(ddpo_pipeline, "lora_rank", None)},

@@ -241,6 +241,28 @@ def build_tiny_sdxl_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0
     )
 
 
+def build_tiny_view_batched_pipeline(spec: TinyPipelineSpec | None = None, seed: int = 0, num_views: int = 4):
+    """Build a tiny random [`~carve3d_trl.pipelines.MultiViewDiffusionPipeline`] (MVDream's architecture: the tiny
+    UNet plus the 16-input camera embedding, cross-view attention installed), deterministic in `seed`.
+
+    `spec.image_size` is the side of one view (`spec.grid` is unused); the default gives 4 views of 64x64.
+    """
+    from transformers import CLIPTextModel
+
+    from .pipelines import MultiViewDiffusionPipeline
+
+    spec = spec or TinyPipelineSpec()
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet(spec, class_embed_type="projection", projection_class_embeddings_input_dim=16)
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae(spec)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, spec.text_hidden_size))
+    return MultiViewDiffusionPipeline(vae, text_encoder, tokenizer, unet, _tiny_scheduler(), num_views=num_views)
+
+
 def save_tiny_pipeline(path: str | Path, spec: TinyPipelineSpec | None = None, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder at `path` (returned)."""
     path = Path(path)
@@ -264,3 +286,12 @@ def load_script(path: str | Path) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def save_tiny_view_batched_pipeline(
+    path: str | Path, spec: TinyPipelineSpec | None = None, seed: int = 0, num_views: int = 4
+) -> Path:
+    """Build the tiny view-batched pipeline and save it as a diffusers folder at `path` (returned)."""
+    path = Path(path)
+    build_tiny_view_batched_pipeline(spec, seed, num_views).save_pretrained(path)
+    return path

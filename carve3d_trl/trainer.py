@@ -33,6 +33,7 @@ from .kl import KLMode, KLReference
 from .model_folder import ModelFolderMixin
 from .pipelines import (
     Conditioning,
+    check_reward_cameras,
     concat_conditioning,
     conditioner_of,
     guided_noise,
@@ -134,6 +135,7 @@ class Carve3DTrainer(ModelFolderMixin, UnsupportedTRLMethods, DDPOTrainer):
             )
         set_seed(config.seed, device_specific=True)
 
+        check_reward_cameras(reward_function, sd_pipeline)
         self.sd_pipeline = sd_pipeline
         self.conditioner = conditioner_of(sd_pipeline)
         inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)

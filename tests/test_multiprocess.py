@@ -1,5 +1,5 @@
 """Two CPU processes under `accelerate launch` (gloo): gathering, identical statistics and weights, single writers,
-and the same result as one process with the same global batch."""
+and the same result as one process with the same global batch; for a grid model and for a view-batched one."""
 
 import json
 import os
@@ -10,11 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from carve3d_trl.testing import TinyPipelineSpec, save_tiny_view_batched_pipeline
+
 SCRIPT = Path(__file__).parent / "multiprocess" / "train_two_ranks.py"
 
 
+@pytest.fixture(scope="module", params=["grid", "view_batched"])
+def model_family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def two_rank_run(tiny_model_path, tmp_path_factory):
+def model_path(model_family, tiny_model_path, tmp_path_factory):
+    """The tiny grid model, or a tiny view-batched one (4 views of 16x16)."""
+    if model_family == "grid":
+        return tiny_model_path
+    return save_tiny_view_batched_pipeline(
+        tmp_path_factory.mktemp("models") / "tiny-vb", TinyPipelineSpec(image_size=16)
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("mp")
     prompts = out / "prompts.txt"
     prompts.write_text("a red cube\na blue sphere\n")
@@ -36,7 +53,7 @@ def two_rank_run(tiny_model_path, tmp_path_factory):
         "--main_process_port",
         "29541",
         str(SCRIPT),
-        str(tiny_model_path),
+        str(model_path),
         str(prompts),
         str(out),
     ]
@@ -47,18 +64,18 @@ def two_rank_run(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tiny_model_path, two_rank_run, tmp_path_factory):
+def one_process_run(model_path, two_rank_run, tmp_path_factory):
     """The same training as `two_rank_run` (same prompts, seed and global batch) in one plain process."""
     out = tmp_path_factory.mktemp("single")
     prompts = two_rank_run[0] / "prompts.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), str(tiny_model_path), str(prompts), str(out)]
+    command = [sys.executable, str(SCRIPT), str(model_path), str(prompts), str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "rank0.json").read_text())
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(two_rank_run, one_process_run):
+def test_two_processes_equal_one_process_with_the_same_global_batch(two_rank_run, one_process_run, model_family):
     _, (rank0, _) = two_rank_run
     single = one_process_run
     assert single["num_processes"] == 1
@@ -74,9 +91,15 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_rank_run
     assert rank0["global_step"] == single["global_step"]
     # Summation order differs (two half batches averaged vs one batch); Adam's normalised step turns those ~1e-7
     # gradient differences into up to ~3e-5 on weights whose gradients are near zero (measured), far below the update.
+    # The view-batched UNet sums over 4x more views per object: one of its 21504 LoRA weights differed by 2.5e-4
+    # (measured), the same Adam effect on a near-zero gradient; the rest stay within 1e-4.
     update = np.abs(np.asarray(single["lora"]) - np.asarray(single["initial_lora"])).max()
     assert update > 1e-2, update
-    np.testing.assert_allclose(rank0["lora"], single["lora"], rtol=0, atol=1e-4)
+    difference = np.abs(np.asarray(rank0["lora"]) - np.asarray(single["lora"]))
+    if model_family == "grid":
+        np.testing.assert_allclose(rank0["lora"], single["lora"], rtol=0, atol=1e-4)
+    else:
+        assert np.mean(difference > 1e-4) < 1e-3 and difference.max() < 1e-3, difference.max()
 
 
 def test_both_ranks_gather_the_whole_batch_and_agree_on_statistics(two_rank_run):

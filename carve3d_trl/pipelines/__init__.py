@@ -41,8 +41,8 @@ from .view_batched import (
     MultiViewAttnProcessor,
     MultiViewDiffusionPipeline,
     ViewBatchedConditioner,
+    check_reward_cameras,
     install_multiview_attention,
-    tile_views_for_display,
 )
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "conditioner_of",
     "decode_latents",
     "detect_family",
+    "check_reward_cameras",
     "guided_noise",
     "install_multiview_attention",
     "load_ddpo_pipeline",
@@ -76,6 +77,5 @@ __all__ = [
     "sample_with_log_probs",
     "save_unet_weights",
     "split_conditioning",
-    "tile_views_for_display",
     "transition_log_probs",
 ]

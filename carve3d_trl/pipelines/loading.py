@@ -4,6 +4,7 @@ conditioner of each."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .conditioning import PromptConditioner
@@ -38,7 +39,17 @@ def resolve_family(pretrained_model_name: str, family: str = "auto", revision: s
     """`"sd"`, `"sdxl"` or `"view_batched"`: `family` itself, or with `"auto"` what [`detect_family`] reads."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown pipeline family {family!r}; choose one of {FAMILIES}.")
-    return detect_family(pretrained_model_name, revision) if family == "auto" else family
+    if family == "auto":
+        return detect_family(pretrained_model_name, revision)
+    if (Path(str(pretrained_model_name)) / "model_index.json").is_file():  # a local model: check the kind cheaply
+        detected = detect_family(pretrained_model_name, revision)
+        if (detected == "view_batched") != (family == "view_batched"):
+            kind = "a view-batched" if detected == "view_batched" else "a grid"
+            raise ValueError(
+                f"'{pretrained_model_name}' is {kind} model (family {detected!r}), but family {family!r} was asked "
+                f"for; use family {detected!r} or 'auto'."
+            )
+    return family
 
 
 def load_ddpo_pipeline(

@@ -13,6 +13,7 @@ view. LoRA is plain peft on the stock UNet, so adapters save and load in the dif
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +24,16 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.utils import BaseOutput
 
-from ..rewards.cameras import CameraLayout
+from ..image_logging import tile_views_grid
+from ..rewards.cameras import CameraLayout, ViewBatchedCameras, multiview_cameras
 from .conditioning import Conditioning, repeat_conditioning
 from .lora import DEFAULT_LORA_TARGETS
 from .sampling import Generators, sample_with_log_probs
 from .wrapped import WrappedDDPOPipeline
 
 CAMERA_INPUTS = 16  # a flattened 4x4 camera-to-world matrix
+TRAINED_ELEVATIONS = (0.0, 30.0)  # MVDream was trained with elevations in this range (degrees)
+logger = logging.getLogger(__name__)
 
 
 class MultiViewAttnProcessor:
@@ -76,6 +80,23 @@ def check_view_batched_unet(unet: torch.nn.Module) -> None:
             f"projection_class_embeddings_input_dim={CAMERA_INPUTS}); this one has class_embed_type="
             f"{config.class_embed_type!r}, projection_class_embeddings_input_dim="
             f"{config.projection_class_embeddings_input_dim}. Grid models use the 'sd' or 'sdxl' family."
+        )
+
+
+def check_reward_cameras(reward_fn: Any, ddpo_pipeline: Any) -> None:
+    """Refuse a reward whose camera layout (`reward_fn.layout`, as `MRCReward`'s) is not a view-batched model's own
+    cameras: MRC would reconstruct the views from the wrong viewpoints. Other rewards and grid models pass."""
+    layout = getattr(reward_fn, "layout", None)
+    if not isinstance(layout, CameraLayout) or not hasattr(ddpo_pipeline, "camera_layout"):
+        return
+    expected = ddpo_pipeline.camera_layout()
+    same = layout.num_views == expected.num_views and torch.allclose(layout.cam2world, expected.cam2world, atol=1e-4)
+    if not same:
+        raise ValueError(
+            f"The reward's camera layout ({layout.num_views} views, {layout.rows}x{layout.cols}) is not this "
+            f"view-batched model's cameras ({expected.num_views} views at elevation "
+            f"{ddpo_pipeline.sd_pipeline.config.elevation}); build the reward with the model's: "
+            "MRCReward(pipeline.camera_layout(), ...)."
         )
 
 
@@ -186,6 +207,15 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
     ):
         super().__init__()
         check_view_batched_unet(unet)
+        low, high = TRAINED_ELEVATIONS
+        if not low <= elevation <= high:
+            logger.warning(
+                "Camera elevation %.1f degrees is outside the %.0f-%.0f degrees MVDream-style models are trained on; "
+                "expect views the model was not trained to draw.",
+                elevation,
+                low,
+                high,
+            )
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_to_config(
             num_views=num_views,
@@ -198,9 +228,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
         install_multiview_attention(unet, num_views)
         self.conditioner = ViewBatchedConditioner(self)
 
-    def _cameras(self):
-        from ..rewards.cameras import multiview_cameras
-
+    def cameras(self) -> ViewBatchedCameras:
+        """The model's cameras ([`~carve3d_trl.rewards.multiview_cameras`] of its config)."""
         config = self.config
         return multiview_cameras(
             config.num_views,
@@ -212,11 +241,11 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
 
     def camera_inputs(self) -> torch.Tensor:
         """The model's camera inputs `(V, 16)`: MVDream's flattened camera-to-world matrices."""
-        return self._cameras().model_inputs
+        return self.cameras().model_inputs
 
     def camera_layout(self) -> CameraLayout:
         """The same cameras as a [`CameraLayout`] in the project's frame, for `MRCReward(layout)`."""
-        return self._cameras().layout
+        return self.cameras().layout
 
     @torch.no_grad()
     def __call__(
@@ -254,17 +283,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
             generator=generator,
             latents=latents,
         )
-        return MultiViewPipelineOutput(images=output.images, grid=tile_views_for_display(output.images))
-
-
-def tile_views_for_display(views: torch.Tensor, cols: int | None = None) -> torch.Tensor:
-    """Tile views `(B, V, 3, H, W)` into grids `(B, 3, rows * H, cols * W)`, row-major; `cols` defaults to the most
-    square layout (2x2 for 4 views)."""
-    batch, num_views, channels, height, width = views.shape
-    cols = cols or next(c for c in range(int(num_views**0.5), num_views + 1) if num_views % c == 0)
-    rows = num_views // cols
-    tiles = views.reshape(batch, rows, cols, channels, height, width)
-    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, rows * height, cols * width)
+        return MultiViewPipelineOutput(images=output.images, grid=tile_views_grid(output.images))
 
 
 class Carve3DViewBatchedPipeline(WrappedDDPOPipeline):

@@ -10,9 +10,11 @@ from .._lazy import lazy_namespace
 _EXPORTS = {
     "cameras": [
         "CameraLayout",
+        "ViewBatchedCameras",
         "fov_to_intrinsics",
         "instant3d_layout",
         "look_at_cam2world",
+        "multiview_cameras",
         "orbit_cam2world",
         "orbit_layout",
         "split_grid",
@@ -38,9 +40,11 @@ __getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)
 if TYPE_CHECKING:
     from .cameras import (
         CameraLayout,
+        ViewBatchedCameras,
         fov_to_intrinsics,
         instant3d_layout,
         look_at_cam2world,
+        multiview_cameras,
         orbit_cam2world,
         orbit_layout,
         split_grid,

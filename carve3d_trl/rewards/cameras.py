@@ -7,11 +7,14 @@ Conventions (shared by every module of `carve3d_trl.rewards`):
 - Camera frame: OpenGL axes; the camera looks down its -Z axis, +Y is up in the image, +X to the right.
 - Intrinsics are normalised by the view size: `[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]` with `fx, cx` fractions of the
   view width and `fy, cy` fractions of its height; pixel rows grow downwards from the top of the view.
+- View-batched models (MVDream-like) take their cameras from `multiview_cameras`, which gives the model's inputs in
+  MVDream's convention and the matching `CameraLayout` for MRC (MVDream's Blender world frame is this frame).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,9 +22,11 @@ import torch
 
 __all__ = [
     "CameraLayout",
+    "ViewBatchedCameras",
     "fov_to_intrinsics",
     "instant3d_layout",
     "look_at_cam2world",
+    "multiview_cameras",
     "orbit_cam2world",
     "orbit_layout",
     "split_grid",
@@ -188,6 +193,131 @@ def zero123pp_layout(radius: float = 4.0, fov: float = 30.0) -> CameraLayout:
     """
     return orbit_layout(
         3, 2, [20.0, -10.0, 20.0, -10.0, 20.0, -10.0], [30.0, 90.0, 150.0, 210.0, 270.0, 330.0], radius, fov
+    )
+
+
+# OpenGL world axes (y up) -> Blender world axes (z up): (x, y, z) -> (x, -z, y), applied on the world side.
+_OPENGL_TO_BLENDER = torch.tensor(
+    [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64
+)
+
+
+@dataclass(frozen=True, eq=False)
+class ViewBatchedCameras:
+    """The cameras of a view-batched multi-view model (MVDream-like), for the model and for MRC.
+
+    View `i` of `model_inputs` and view `i` of `layout` are the same viewpoint, so the views a model generates with
+    `model_inputs` are scored by `MRCReward(layout)` in the same order. Build it with `multiview_cameras`.
+
+    Args:
+        model_inputs (`torch.Tensor` of shape `(V, 16)`, float32): The model's camera inputs, MVDream's
+            `get_camera` convention: row-major flattened 4x4 camera-to-world matrices on the unit sphere, Blender
+            world axes (+Z up, azimuth 0 on -Y, 90 on +X), OpenGL camera axes (columns right, up, backward).
+        layout (`CameraLayout`): The same cameras for MRC, in this project's world frame (the Blender frame
+            itself: +Z up, right-handed), at distance `radius` with a `fov` degree pinhole.
+        elevation (`float`): Degrees above the horizontal plane, shared by all views.
+        azimuths (`tuple[float, ...]`): MVDream azimuth of each view in degrees (0 on -Y, 90 on +X). The project's
+            orbit azimuth (0 on +X, 90 on +Y, as in `orbit_cam2world`) of view `i` is `azimuths[i] - 90`.
+        fov (`float`): Field of view of the layout's renders, degrees.
+        radius (`float`): Camera distance of the layout.
+    """
+
+    model_inputs: torch.Tensor
+    layout: CameraLayout
+    elevation: float
+    azimuths: tuple[float, ...]
+    fov: float
+    radius: float
+
+    @property
+    def num_views(self) -> int:
+        return self.layout.num_views
+
+
+def multiview_cameras(
+    num_views: int = 4,
+    elevation: float = 15.0,
+    azimuth_start: float = 0.0,
+    azimuth_span: float = 360.0,
+    *,
+    fov: float = 50.0,
+    radius: float = 2.5,
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> ViewBatchedCameras:
+    """One camera source for a view-batched multi-view model and for MRC: MVDream's cameras, in both forms.
+
+    The views sit at `elevation` and azimuths `azimuth_start + i * azimuth_span / num_views`, `i < num_views`
+    (MVDream's `get_camera(num_views, elevation, azimuth_start, azimuth_span)`; with a span that `num_views` does not
+    divide exactly, MVDream's `np.arange` may return one view more, this function never does).
+
+    - `model_inputs`, shape `(V, 16)`: MVDream's convention exactly. An OpenGL (y up) look-at at the origin from
+      `(cos e sin a, sin e, cos e cos a)` on the unit sphere, with columns right, up, -forward, converted to Blender
+      world axes by `(x, y, z) -> (x, -z, y)`, flattened row-major. View 0 (azimuth 0) sits on -Y, view 1 of four on
+      +X, then +Y and -X.
+    - `layout`, a `CameraLayout` for MRC: the same cameras in this project's world frame, which is the Blender frame
+      (+Z up, right-handed; no axis change), with the camera centres scaled from the unit sphere to `radius` and the
+      same orientations (OpenGL camera axes in both). 2x2 for 4 views, 1xV otherwise: the grid only matters for
+      display (`tile_views`), since a view-batched model emits views that `MRCReward` scores directly.
+
+    MVDream feeds no intrinsics to the model (it was trained with fields of view of 15-60 degrees at distances
+    0.8-1.0); the reconstruction only needs a consistent pinhole, so `fov` and `radius` (default 50 degrees at 2.5,
+    the project's Instant3D-like render settings) set the reconstruction's scale and framing, not the model's input.
+
+    Args:
+        num_views (`int`): Number of views V, at least 1.
+        elevation (`float`): Degrees above the horizontal plane, in (-90, 90); MVDream's default is 15.
+        azimuth_start (`float`): MVDream azimuth of view 0 in degrees (0 on -Y, growing towards +X).
+        azimuth_span (`float`): Degrees covered by the views.
+        fov (`float`): Field of view of the layout's pinhole in degrees, in (0, 180).
+        radius (`float`): Camera distance of the layout, > 0.
+        background (`tuple[float, float, float]`): The layout's background RGB in [0, 1].
+
+    Returns:
+        `ViewBatchedCameras`.
+    """
+    if isinstance(num_views, bool) or not isinstance(num_views, numbers.Integral) or num_views < 1:
+        raise ValueError(f"num_views must be an integer >= 1, got {num_views!r}.")
+    num_views = int(num_views)
+    for name, value in (("elevation", elevation), ("azimuth_start", azimuth_start), ("azimuth_span", azimuth_span)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number of degrees, got {value!r}.")
+    if not -90.0 < elevation < 90.0:
+        raise ValueError(
+            f"elevation must be in (-90, 90) degrees, got {elevation!r}: a camera looking straight up or down has no "
+            "defined roll with a vertical up vector."
+        )
+    if not 0.0 < fov < 180.0:
+        raise ValueError(f"fov must be in (0, 180) degrees, got {fov!r}.")
+    if not (math.isfinite(radius) and radius > 0.0):
+        raise ValueError(f"radius must be > 0, got {radius!r}.")
+
+    azimuths = tuple(azimuth_start + index * azimuth_span / num_views for index in range(num_views))
+    azimuth = torch.deg2rad(torch.tensor(azimuths, dtype=torch.float64))
+    elev = torch.deg2rad(torch.tensor(elevation, dtype=torch.float64)).expand_as(azimuth)
+    # MVDream's look-at, in OpenGL world axes (y up), on the unit sphere.
+    position = torch.stack([elev.cos() * azimuth.sin(), elev.sin(), elev.cos() * azimuth.cos()], dim=-1)
+    forward = -position  # towards the origin; unit length
+    world_up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(forward)
+    right = torch.nn.functional.normalize(torch.linalg.cross(forward, world_up, dim=-1), dim=-1)
+    cam_up = torch.nn.functional.normalize(torch.linalg.cross(right, forward, dim=-1), dim=-1)
+    cam2world_opengl = torch.eye(4, dtype=torch.float64).repeat(num_views, 1, 1)
+    cam2world_opengl[:, :3, :3] = torch.stack([right, cam_up, -forward], dim=-1)  # columns
+    cam2world_opengl[:, :3, 3] = position
+    cam2world_blender = _OPENGL_TO_BLENDER @ cam2world_opengl
+    model_inputs = cam2world_blender.reshape(num_views, 16).float()
+
+    # This project's world frame is the Blender frame: same orientations, centres scaled to `radius`.
+    cam2world = cam2world_blender.clone()
+    cam2world[:, :3, 3] *= radius
+    rows, cols = (2, 2) if num_views == 4 else (1, num_views)
+    layout = CameraLayout(rows, cols, cam2world.float(), fov_to_intrinsics(fov, num_views), background)
+    return ViewBatchedCameras(
+        model_inputs=model_inputs,
+        layout=layout,
+        elevation=float(elevation),
+        azimuths=tuple(float(a) for a in azimuths),
+        fov=float(fov),
+        radius=float(radius),
     )
 
 

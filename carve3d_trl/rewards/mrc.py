@@ -18,10 +18,10 @@ __all__ = ["MRCReward"]
 class MRCReward:
     """Carve3D's MRC reward: how well a reconstruction from the generated views reproduces them.
 
-    For each grid image: split it into views by the camera layout, reconstruct 3D from the views, render the
-    reconstruction at the views' cameras, crop each (view, render) pair with the square padded foreground box of the
-    generated view, resize both crops to the render size (bicubic, antialiased) and compare them. MRC is the mean
-    distance over the views.
+    For each sample (a grid image, split into views by the camera layout, or the views of a view-batched model
+    given as they are): reconstruct 3D from the views, render the reconstruction at the views' cameras, crop each
+    (view, render) pair with the square padded foreground box of the generated view, resize both crops to the render
+    size (bicubic, antialiased) and compare them. MRC is the mean distance over the views.
 
     Metrics and signs:
         - `"lpips"` (the paper's; AlexNet trunk): MRC = mean LPIPS, reward = -MRC.
@@ -30,7 +30,9 @@ class MRCReward:
     In every case a higher reward means more consistent views.
 
     Args:
-        layout (`CameraLayout`, *optional*): Cameras of the grid tiles. Default: `instant3d_layout()`.
+        layout (`CameraLayout`, *optional*): Cameras of the grid tiles or of the views. Default:
+            `instant3d_layout()`. For a view-batched model, the layout of the cameras it was given
+            (`multiview_cameras(...).layout`).
         reconstructor (`Reconstructor` or `str`): An object with `reconstruct(views, layout)`, or a name for
             `make_reconstructor`: `"radiance_field"` (default), `"openlrm"`, `"instantmesh"`.
         metric (`str`): `"lpips"`, `"mse"` or `"psnr"`.
@@ -73,23 +75,48 @@ class MRCReward:
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str] = (), metadata: Sequence[dict] = ()
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Score grid images (TRL DDPO's `reward_fn(images, prompts, prompt_metadata)`).
+        """Score grid images or views (TRL DDPO's `reward_fn(images, prompts, prompt_metadata)`).
 
         Args:
-            images (`torch.Tensor` of shape `(B, 3, H, W)`): Grid images in [0, 1].
+            images (`torch.Tensor`): In [0, 1], either
+                - grid images of shape `(B, 3, H, W)` (a grid model such as Instant3D), split into views by the
+                  layout (`split_grid`), or
+                - views of shape `(B, V, 3, h, w)` (a view-batched model such as MVDream), scored as they are
+                  (`score_views`); `V` must be `layout.num_views`, views in the layout's order.
             prompts (`Sequence[str]`): Unused; part of the reward signature.
             metadata (`Sequence[dict]`): Unused; part of the reward signature.
 
         Returns:
             `(rewards, reward_metadata)`: `rewards` a float32 CPU tensor `(B,)`; `reward_metadata` a dict of CPU
             tensors: `"mrc"` `(B,)`, `"mrc_per_view"` `(B, V)` (NaN for views not evaluated), `"renders"`
-            `(B, V, 3, h, w)`.
+            `(B, V, 3, h', w')` (the reconstructor's render size).
+
+        Raises:
+            ValueError: for another shape, a grid the layout does not divide, or a view count other than the
+                layout's.
         """
+        if images.ndim == 5:
+            return self.score_views(images)
+        if images.ndim != 4:
+            raise ValueError(
+                f"Expected grid images of shape (B, 3, H, W) or views of shape (B, {self.layout.num_views}, 3, h, w), "
+                f"got {tuple(images.shape)}."
+            )
         return self.score_views(split_grid(images, self.layout))
 
     @torch.no_grad()
     def score_views(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Like `__call__`, for views already split: `views` of shape `(B, V, 3, h, w)` in [0, 1]."""
+        """Like `__call__`, for views already split: `views` of shape `(B, V, 3, h, w)` in [0, 1], `V` the layout's
+        number of views, in its order."""
+        if views.ndim != 5:
+            raise ValueError(f"Expected views of shape (B, V, 3, h, w), got {tuple(views.shape)}.")
+        if views.shape[1] != self.layout.num_views:
+            raise ValueError(
+                f"Got {views.shape[1]} views per sample, but this reward's camera layout has {self.layout.num_views} "
+                f"views ({self.layout.rows}x{self.layout.cols}). Build the reward with the model's camera layout, "
+                f"e.g. MRCReward(layout=multiview_cameras(num_views={views.shape[1]}).layout) for a view-batched "
+                "model, so that each view is reconstructed with its own camera."
+            )
         device = self.device if self.device is not None else views.device
         views = views.to(device=device, dtype=torch.float32).clamp(0, 1)
         self.metric.to(device)

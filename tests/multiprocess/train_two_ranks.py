@@ -1,5 +1,5 @@
-"""Run by test_multiprocess.py on 2 processes (and on 1): trains a tiny model with a global sample batch of 4 and
-dumps what each rank saw."""
+"""Run by test_multiprocess.py on 2 processes (and on 1): trains a tiny model (any family) with a global sample
+batch of 4 and dumps what each rank saw."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+from carve3d_trl import Carve3DConfig, Carve3DTrainer, load_ddpo_pipeline
 from carve3d_trl.distributed import ensure_process_state
 
 GLOBAL_BATCH = 4
@@ -27,8 +27,9 @@ config = Carve3DConfig(
     per_prompt_stat_tracking_min_count=2,
     train_learning_rate=1e-2,
 )
+# mean brightness of the grid image (B, 3, H, W) or of the views (B, V, 3, h, w): any family (read from the model)
 trainer = Carve3DTrainer(
-    config, lambda im, p, m: (im.mean(dim=(1, 2, 3)), {}), sd_pipeline=Carve3DStableDiffusionPipeline(model_path)
+    config, lambda im, p, m: (im.flatten(1).mean(1), {}), sd_pipeline=load_ddpo_pipeline(model_path)
 )
 initial_lora = torch.cat([p.detach().flatten().clone() for p in trainer.trainable_layers])
 trainer.train(epochs=3)

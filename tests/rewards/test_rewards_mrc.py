@@ -7,8 +7,10 @@ from carve3d_trl.rewards import (
     crop_pairs,
     instant3d_layout,
     make_reconstructor,
+    split_grid,
     tile_views,
 )
+from carve3d_trl.rewards.cameras import multiview_cameras
 from carve3d_trl.synthetic import distort_views, random_object, render_object
 
 FAST = dict(fit_size=32, steps=60)
@@ -105,3 +107,42 @@ def test_views_not_evaluated_are_nan_and_left_out_of_the_mean(grids):
     assert per_view.isnan().sum(dim=1).tolist() == [2, 2]
     torch.testing.assert_close(info["mrc"], per_view.nanmean(dim=1))
     assert rewards.isfinite().all()
+
+
+def test_views_score_like_the_equivalent_grid(grids):
+    layout, images = grids
+    views = images.view(2, 3, 2, 64, 2, 64).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, 3, 64, 64)  # row-major tiles
+    for reconstructor, metric in ((RadianceFieldReconstructor(**FAST), "psnr"), (EchoReconstructor(-0.1), "mse")):
+        reward = MRCReward(layout, reconstructor, metric=metric)
+        from_grid, grid_info = reward(images, ("a", "b"), ({}, {}))
+        from_views, view_info = reward(views, ("a", "b"), ({}, {}))
+        torch.testing.assert_close(from_views, from_grid, atol=1e-6, rtol=0)
+        assert view_info.keys() == grid_info.keys()
+        for key in grid_info:
+            torch.testing.assert_close(view_info[key], grid_info[key], atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_view_batched_samples_are_scored_with_the_model_cameras():
+    cameras = multiview_cameras(6)  # a 1x6 layout: views are never tiled before scoring
+    views = render_object(random_object(torch.Generator().manual_seed(3)), cameras.layout, 32)
+    batch = torch.stack([views, views.flip(0)])  # the second sample's views are in the wrong order
+    rewards, info = MRCReward(cameras.layout, RadianceFieldReconstructor(**FAST), metric="psnr")(batch)
+    assert info["mrc_per_view"].shape == (2, 6) and rewards[0] > rewards[1]
+    # A grid image of the same views scores the same.
+    grid_rewards, _ = MRCReward(cameras.layout, RadianceFieldReconstructor(**FAST), metric="psnr")(
+        tile_views(batch, cameras.layout)
+    )
+    torch.testing.assert_close(grid_rewards, rewards, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split_grid(tile_views(batch, cameras.layout), cameras.layout), batch)
+
+
+def test_a_view_count_other_than_the_layouts_is_refused():
+    reward = MRCReward(reconstructor=EchoReconstructor(), metric="mse")  # Instant3D's 4 views
+    message = r"Got 6 views per sample, but this reward's camera layout has 4 views \(2x2\)\. Build the reward with "
+    message += r"the model's camera layout, e\.g\. MRCReward\(layout=multiview_cameras\(num_views=6\)\.layout\)"
+    with pytest.raises(ValueError, match=message):
+        reward(torch.rand(1, 6, 3, 32, 32))
+    with pytest.raises(ValueError, match="Got 6 views per sample"):
+        reward.score_views(torch.rand(1, 6, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\) or views of shape \(B, 4, 3, h, w\), got \(3, 64, 64\)"):
+        reward(torch.rand(3, 64, 64))
