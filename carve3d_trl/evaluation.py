@@ -18,9 +18,12 @@ import numpy as np
 import torch
 
 from .hub import validate_repo_id
+from .image_logging import tile_views_grid
 from .pipelines import (
     FAMILIES,
     LORA_WEIGHT_NAME,
+    ImageConditioner,
+    MultiViewDiffusionPipeline,
     conditioner_of,
     resolve_family,
     sample_with_log_probs,
@@ -41,14 +44,18 @@ class ModelArguments:
     pretrained_revision: str = field(default="main", metadata={"help": "Revision of a Hub base model."})
     pipeline_family: str = field(
         default="auto",
-        metadata={"help": "Model family: 'sd' (Stable Diffusion 1.x/2.x), 'sdxl', or 'auto' (read model_index.json)."},
+        metadata={
+            "help": "Model family: 'sd' (Stable Diffusion 1.x/2.x), 'sdxl' (grid models), 'view_batched' (MVDream's "
+            "architecture), or 'auto' (read model_index.json)."
+        },
     )
 
     def __post_init__(self):
         if not self.pretrained_model:
             from .toy import toy_model_path
 
-            self.pretrained_model = str(toy_model_path("short"))
+            family = "view_batched" if self.pipeline_family == "view_batched" else "grid"
+            self.pretrained_model = str(toy_model_path("short", family=family))
         if self.pipeline_family not in FAMILIES:
             raise ValueError(f"--pipeline_family must be one of {FAMILIES}, got {self.pipeline_family!r}.")
 
@@ -82,7 +89,8 @@ class Scores:
     Attributes:
         mrc (`np.ndarray`): `(num_prompts, num_seeds)`.
         rewards (`np.ndarray`): `(num_prompts, num_seeds)`.
-        kept (`dict`): By `(prompt index, seed index)`: `image` `(3, H, W)`, `renders` `(V, 3, h, w)`, `mrc`.
+        kept (`dict`): By `(prompt index, seed index)`: `image` `(3, H, W)` (a view-batched sample's views tiled),
+            `renders` `(V, 3, h, w)`, `mrc`.
     """
 
     mrc: np.ndarray
@@ -175,11 +183,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_pipeline(model: ModelArguments, sampling: SamplingArguments, device: torch.device | str):
-    """A diffusers `StableDiffusionPipeline` (without a safety checker) or `StableDiffusionXLPipeline`, by the
-    model's family, with a DDIM scheduler, on `device`; a LoRA loads into it with `pipe.load_lora_weights`."""
+    """A diffusers `StableDiffusionPipeline` (without a safety checker), `StableDiffusionXLPipeline` or
+    [`MultiViewDiffusionPipeline`], by the model's family, with a DDIM scheduler, on `device`; a LoRA loads into it
+    with `pipe.load_lora_weights`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if resolve_family(model.pretrained_model, model.pipeline_family, model.pretrained_revision) == "sdxl":
+    family = resolve_family(model.pretrained_model, model.pipeline_family, model.pretrained_revision)
+    if family == "view_batched":
+        pipeline_class, extra = MultiViewDiffusionPipeline, {}
+    elif family == "sdxl":
         pipeline_class, extra = StableDiffusionXLPipeline, {}
     else:
         pipeline_class, extra = StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
@@ -195,21 +207,16 @@ def load_pipeline(model: ModelArguments, sampling: SamplingArguments, device: to
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def latent_size(pipe) -> tuple[int, int]:
-    """The UNet's native latent `(height, width)` (its `sample_size`, an int or a pair)."""
-    size = pipe.unet.config.sample_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def seeded_noise(pipe, seed: int) -> tuple[torch.Tensor, torch.Generator]:
-    """The initial latent `(C, h, w)` of `seed` and the CPU generator, advanced past it, for the DDIM step noise.
+    """The initial latent of `seed` (`(C, h, w)`, or `(V, C, h, w)` for a view-batched model) and the CPU generator,
+    advanced past it, for the DDIM step noise.
 
     Both depend on the seed only (not on the prompt, the batch or the device), so the same seed gives the same
     noise to every prompt and to every model.
     """
-    height, width = latent_size(pipe)
+    shape = getattr(pipe, "conditioner", ImageConditioner()).latent_shape(pipe.unet, 1)[1:]
     generator = torch.Generator("cpu").manual_seed(seed)
-    latent = torch.randn((pipe.unet.config.in_channels, height, width), generator=generator, dtype=torch.float32)
+    latent = torch.randn(shape, generator=generator, dtype=torch.float32)
     return latent, generator
 
 
@@ -235,8 +242,8 @@ def sample_with_kl(
             disabled: the base model), or another pipeline of the same family.
 
     Returns:
-        `images` `(B, 3, H, W)` in [0, 1] (float32, CPU) and `kl` `(B,)`: the mean over steps of
-        `log p_pipe - log p_reference` of the sampled transitions.
+        `images` `(B, 3, H, W)` (views `(B, V, 3, h, w)`) in [0, 1] (float32, CPU) and `kl` `(B,)`: the mean over
+        steps of `log p_pipe - log p_reference` of the sampled transitions.
     """
     noise = [seeded_noise(pipe, seed) for seed in seeds]
     conditioner = conditioner_of(pipe)
@@ -283,7 +290,8 @@ def sample_with_kl(
 
 
 def sample_images(pipe, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingArguments) -> torch.Tensor:
-    """Images `(B, 3, H, W)` in [0, 1] (float32, CPU), one per `(prompt, seed)` pair ([`sample_with_kl`])."""
+    """Images `(B, 3, H, W)` (views `(B, V, 3, h, w)`) in [0, 1] (float32, CPU), one per `(prompt, seed)` pair
+    ([`sample_with_kl`])."""
     images, _ = sample_with_kl(
         pipe,
         prompts,
@@ -322,6 +330,7 @@ def score_prompts(
             scores.mrc[p, s] = float(metadata["mrc"][i])
             scores.rewards[p, s] = float(rewards[i])
             if (p, s) in keep:
-                scores.kept[p, s] = {"image": images[i], "renders": metadata["renders"][i], "mrc": scores.mrc[p, s]}
+                image = tile_views_grid(images[i][None], reward.layout.cols)[0] if images.ndim == 5 else images[i]
+                scores.kept[p, s] = {"image": image, "renders": metadata["renders"][i], "mrc": scores.mrc[p, s]}
         logger.info("%s: scored %d/%d samples", label, start + len(batch), len(pairs))
     return scores

@@ -13,6 +13,10 @@ A real model (one GPU, fp16; see README for multi-GPU, multi-node and DeepSpeed 
         --mixed_precision fp16 --sample_num_steps 100 --sample_batch_size 8 --train_batch_size 2 --num_epochs 55 \
         --mrc_metric lpips --output_dir outputs/carve3d --push_to_hub --hub_repo_id <user>/<repo>
 
+A view-batched model (MVDream's architecture; its MRC layout is its own cameras), e.g. the view-batched toy:
+
+    python examples/carve3d_train.py --pipeline_family view_batched --output_dir outputs/tiny-carve3d-views
+
 A YAML file of flags (`--config`, command-line flags override it), e.g. an Instant3D-like SDXL model:
 
     accelerate launch --config_file examples/accelerate/1gpu.yaml examples/carve3d_train.py \
@@ -30,7 +34,7 @@ import torch
 from trl import TrlParser
 
 from carve3d_trl import Carve3DConfig, Carve3DTrainer, ImageSamplesLogger, load_ddpo_pipeline
-from carve3d_trl.pipelines import FAMILIES
+from carve3d_trl.pipelines import FAMILIES, model_camera_layout
 from carve3d_trl.rewards import MRCReward
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
 from carve3d_trl.toy import toy_model_path
@@ -67,7 +71,11 @@ class ScriptArguments:
     use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (else the full UNet)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank (the recipe uses 4)."})
     pipeline_family: str = field(
-        default="auto", metadata={"help": "sd, sdxl, or auto: from the model's model_index.json."}
+        default="auto",
+        metadata={
+            "help": "sd, sdxl (grid models), view_batched (MVDream's architecture), or auto: from the model's "
+            "model_index.json. With no --pretrained_model, view_batched selects the view-batched toy."
+        },
     )
     vae_slicing: bool = field(default=False, metadata={"help": "Decode sampled latents one image at a time."})
     vae_tiling: bool = field(default=False, metadata={"help": "Decode large images in tiles."})
@@ -101,7 +109,9 @@ def main() -> None:
     if args.pipeline_family not in FAMILIES:
         parser.error(f"--pipeline_family must be one of {', '.join(FAMILIES)}, got '{args.pipeline_family}'.")
     if args.pipeline_family == "sdxl" and not args.pretrained_model:
-        parser.error("--pipeline_family sdxl needs --pretrained_model (the embedded toy model is SD).")
+        parser.error(
+            "--pipeline_family sdxl needs --pretrained_model (the embedded toy models are SD and view-batched)."
+        )
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -110,9 +120,11 @@ def main() -> None:
     if config.logdir == "logs":
         config.logdir = str(output_dir / "logs")
     config.project_kwargs.setdefault("project_dir", config.logdir)
-    reward = build_mrc_reward(mrc_args, config.seed)  # fails fast on bad reward settings, before any model loads
-
-    model = args.pretrained_model or str(toy_model_path("short"))
+    toy_family = "view_batched" if args.pipeline_family == "view_batched" else "grid"
+    model = args.pretrained_model or str(toy_model_path("short", family=toy_family))
+    # reads model_index.json only: bad reward settings (e.g. a grid layout for a view-batched model) fail before any
+    # model loads
+    reward = build_mrc_reward(mrc_args, config.seed, model_layout=model_camera_layout(model, args.pretrained_revision))
     pipeline = load_ddpo_pipeline(
         model,
         family=args.pipeline_family,

@@ -52,6 +52,7 @@ from carve3d_trl.evaluation import (
     score_prompts,
 )
 from carve3d_trl.hub import push_folder_to_hub, validate_repo_id
+from carve3d_trl.pipelines import model_camera_layout
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
 
 logger = logging.getLogger("curate_prompts")
@@ -198,7 +199,8 @@ def main(argv: Sequence[str] | None = None, api: HfApi | None = None) -> list[Ca
     seeds = [sampling.seed + i for i in range(args.num_seeds)]
 
     device = resolve_device(sampling.device)
-    reward = build_mrc_reward(mrc_args, sampling.seed, device)
+    cameras = model_camera_layout(model_args.pretrained_model, model_args.pretrained_revision)  # view-batched only
+    reward = build_mrc_reward(mrc_args, sampling.seed, device, cameras)
     pipe = load_pipeline(model_args, sampling, device)
     scores = score_prompts(pipe, reward, prompts, seeds, sampling, label="candidates")
     ranked = rank_candidates(prompts, scores.mrc, scores.rewards)

@@ -50,7 +50,7 @@ from carve3d_trl.evaluation import (
     score_prompts,
 )
 from carve3d_trl.image_logging import tile_renders_like
-from carve3d_trl.pipelines import LORA_WEIGHT_NAME
+from carve3d_trl.pipelines import LORA_WEIGHT_NAME, model_camera_layout
 from carve3d_trl.rewards import MRCReward
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward, check_mrc_arguments
 
@@ -182,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(eval_args.output_dir)
 
     device = resolve_device(sampling.device)
-    reward = build_mrc_reward(mrc_args, sampling.seed, device)
+    cameras = model_camera_layout(model_args.pretrained_model, model_args.pretrained_revision)  # view-batched only
+    reward = build_mrc_reward(mrc_args, sampling.seed, device, cameras)
     pipe = load_pipeline(model_args, sampling, device)
     keep = {(p, 0) for p in range(min(eval_args.num_figure_prompts, len(prompts)))}
     base = score_prompts(pipe, reward, prompts, seeds, sampling, keep, label="base")

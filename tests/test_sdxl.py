@@ -1,7 +1,6 @@
 """SDXL models (issue 5): the DDPO pipeline, its conditioning, training through Carve3DTrainer, the LoRA format."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from carve3d_trl import (
     load_ddpo_pipeline,
 )
 from carve3d_trl.pipelines import StableDiffusionXLConditioner, conditioner_of, guided_noise
-from carve3d_trl.testing import TinyPipelineSpec, save_tiny_sdxl_pipeline
+from carve3d_trl.testing import TinyPipelineSpec, load_script, save_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,12 +242,9 @@ def test_the_family_is_detected_from_the_model_index(tiny_sdxl_path, tiny_model_
         load_ddpo_pipeline(str(tiny_model_path), family="sd3")
 
 
-@pytest.mark.parametrize("name", ["instant3d_sdxl.yaml", "sd_grid.yaml"])
-def test_example_configurations_parse_into_the_training_script(name, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    sys.modules.pop("carve3d_train", None)
-    import carve3d_train
-
+@pytest.mark.parametrize("name", ["instant3d_sdxl.yaml", "sd_grid.yaml", "view_batched_toy.yaml"])
+def test_example_configurations_parse_into_the_training_script(name):
+    carve3d_train = load_script(ROOT / "examples" / "carve3d_train.py")
     path = ROOT / "examples" / "configs" / name
     settings = yaml.safe_load(path.read_text())
     args, mrc_args, config = carve3d_train.build_parser().parse_args_and_config(

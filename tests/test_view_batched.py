@@ -2,6 +2,10 @@
 it through the one sampling path (tiny random model, 4 views of 16x16)."""
 
 import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +19,15 @@ from carve3d_trl.pipelines import (
     MultiViewAttnProcessor,
     MultiViewDiffusionPipeline,
     guided_noise,
+    save_unet_weights,
 )
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout, multiview_cameras
-from carve3d_trl.testing import TinyPipelineSpec, build_tiny_view_batched_pipeline, save_tiny_view_batched_pipeline
+from carve3d_trl.testing import (
+    TinyPipelineSpec,
+    build_tiny_view_batched_pipeline,
+    load_script,
+    save_tiny_view_batched_pipeline,
+)
 
 PROMPTS = ("a red cube", "a blue sphere")
 SMALL = dict(
@@ -245,3 +255,65 @@ def test_mrc_scores_the_views_at_the_models_cameras_and_a_grid_layout_is_refused
     grid_reward = MRCReward(instant3d_layout(), RadianceFieldReconstructor(**cheap), metric="mse")
     with pytest.raises(ValueError, match="camera_layout"):
         Carve3DTrainer(config, grid_reward, cycle(), Carve3DViewBatchedPipeline(tiny_vb_path))
+
+
+# ---------------------------------------------------------------------------------------------- the example scripts
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP_MRC = ["--mrc_metric", "mse", "--mrc_reconstructor_kwargs", '{"fit_size": 8, "steps": 3, "samples_per_ray": 8}']
+
+
+@pytest.fixture(scope="module")
+def vb_lora(tiny_vb_path, tmp_path_factory):
+    """A random (non-zero) LoRA of the tiny view-batched model, saved in the diffusers format."""
+    pipeline = Carve3DViewBatchedPipeline(tiny_vb_path, lora_rank=2)
+    pipeline.get_trainable_layers()
+    with torch.no_grad():
+        for name, param in pipeline.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path_factory.mktemp("vb-lora")
+    save_unet_weights(pipeline, folder)
+    return folder
+
+
+def test_evaluate_scores_a_view_batched_lora_at_the_models_cameras(tiny_vb_path, vb_lora, tmp_path):
+    evaluate_mrc = load_script(ROOT / "examples" / "evaluate_mrc.py")
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue sphere\n")
+    args = ["--pretrained_model", str(tiny_vb_path), "--lora", str(vb_lora), "--prompt_dataset"]
+    args += [str(tmp_path / "prompts.txt"), "--num_seeds", "1", "--num_inference_steps", "2", "--num_figure_prompts"]
+    summary = evaluate_mrc.main([*args, "1", *CHEAP_MRC, "--output_dir", str(tmp_path / "eval")])
+    assert summary["num_prompts"] == 2 and summary["base"]["mrc_mean"] > 0
+    assert summary["base"]["mrc_mean"] != summary["finetuned"]["mrc_mean"]
+    assert (tmp_path / "eval" / "comparison.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="is a grid layout, but the model is view-batched"):
+        evaluate_mrc.main([*args, "1", *CHEAP_MRC, "--mrc_layout", "instant3d", "--output_dir", str(tmp_path / "x")])
+
+
+def test_the_training_script_fine_tunes_a_view_batched_model(tiny_vb_path, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue sphere\n")
+    command = [sys.executable, str(ROOT / "examples" / "carve3d_train.py"), "--pretrained_model", str(tiny_vb_path)]
+    command += ["--prompt_dataset", str(tmp_path / "prompts.txt"), "--num_epochs", "2", "--sample_num_steps", "2"]
+    command += ["--sample_batch_size", "2", "--train_batch_size", "2", *CHEAP_MRC]
+    command += ["--output_dir", str(tmp_path / "run")]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    folder = tmp_path / "run" / "lora"
+    history = json.loads((folder / "training_history.json").read_text())
+    assert len(history) == 2 and all(epoch["mrc_mean"] > 0 for epoch in history)
+    assert "MultiViewDiffusionPipeline" in (folder / "README.md").read_text()
+    assert (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "samples" / "sample_0.png").is_file()
+
+
+def test_the_model_cards_loading_snippet_runs_for_the_family(tiny_vb_path, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_vb_path, tmp_path, kl_penalty=False, kl_log=False)
+    trainer.train(epochs=1)
+    trainer.save_pretrained(tmp_path / "lora")
+    card = (tmp_path / "lora" / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert str(tiny_vb_path) in snippet and "path/to/this/folder" in snippet  # no repo id: the folder to fill in
+    cpu = snippet.replace("torch.float16", "torch.float32").replace('.to("cuda")', '.to("cpu")')  # no GPU here
+    cpu = cpu.replace("path/to/this/folder", str(tmp_path / "lora"))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(cpu, "model_card_snippet", "exec"), namespace)  # noqa: S102 - the card's own code
+    assert namespace["views"].shape == (4, 3, 16, 16) and (tmp_path / "views.png").is_file()

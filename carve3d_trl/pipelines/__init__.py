@@ -10,6 +10,7 @@
 
 from .conditioning import (
     Conditioning,
+    ImageConditioner,
     PromptConditioner,
     concat_conditioning,
     guided_noise,
@@ -23,6 +24,7 @@ from .loading import (
     conditioner_of,
     detect_family,
     load_ddpo_pipeline,
+    model_camera_layout,
     resolve_family,
 )
 from .lora import (
@@ -58,6 +60,7 @@ __all__ = [
     "MultiViewAttnProcessor",
     "MultiViewDiffusionPipeline",
     "Conditioning",
+    "ImageConditioner",
     "PromptConditioner",
     "StableDiffusionConditioner",
     "StableDiffusionXLConditioner",
@@ -72,6 +75,7 @@ __all__ = [
     "install_multiview_attention",
     "load_ddpo_pipeline",
     "load_lora_into_unet_adapter",
+    "model_camera_layout",
     "repeat_conditioning",
     "resolve_family",
     "sample_with_log_probs",

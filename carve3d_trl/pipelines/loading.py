@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..rewards.cameras import CameraLayout
 from .conditioning import PromptConditioner
 from .stable_diffusion import Carve3DStableDiffusionPipeline, StableDiffusionConditioner
 from .stable_diffusion_xl import Carve3DStableDiffusionXLPipeline, StableDiffusionXLConditioner
-from .view_batched import Carve3DViewBatchedPipeline, MultiViewDiffusionPipeline
+from .view_batched import Carve3DViewBatchedPipeline, MultiViewDiffusionPipeline, cameras_of_config
 
 PIPELINES = {
     "sd": Carve3DStableDiffusionPipeline,
@@ -59,6 +60,17 @@ def load_ddpo_pipeline(
     constructor (`use_lora`, `lora_rank`, ...)."""
     family = resolve_family(pretrained_model_name, family, pretrained_model_revision)
     return PIPELINES[family](pretrained_model_name, pretrained_model_revision=pretrained_model_revision, **kwargs)
+
+
+def model_camera_layout(pretrained_model_name: str, revision: str = "main") -> CameraLayout | None:
+    """A view-batched model's cameras as the MRC layout, read from its `model_index.json` alone (no weights load);
+    `None` for a grid model."""
+    if detect_family(pretrained_model_name, revision) != "view_batched":
+        return None
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(str(pretrained_model_name), revision=revision)
+    return cameras_of_config(config).layout
 
 
 def conditioner_of(pipeline) -> PromptConditioner:

@@ -83,6 +83,18 @@ def check_view_batched_unet(unet: torch.nn.Module) -> None:
         )
 
 
+def cameras_of_config(config: dict[str, Any]) -> ViewBatchedCameras:
+    """The cameras a [`MultiViewDiffusionPipeline`] config (or its `model_index.json`) describes
+    ([`~carve3d_trl.rewards.multiview_cameras`]); missing settings take the pipeline's defaults."""
+    return multiview_cameras(
+        int(config.get("num_views", 4)),
+        elevation=float(config.get("elevation", 15.0)),
+        azimuth_start=float(config.get("azimuth_start", 0.0)),
+        fov=float(config.get("camera_fov", 50.0)),
+        radius=float(config.get("camera_radius", 2.5)),
+    )
+
+
 def check_reward_cameras(reward_fn: Any, ddpo_pipeline: Any) -> None:
     """Refuse a reward whose camera layout (`reward_fn.layout`, as `MRCReward`'s) is not a view-batched model's own
     cameras: MRC would reconstruct the views from the wrong viewpoints. Other rewards and grid models pass."""
@@ -229,15 +241,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
         self.conditioner = ViewBatchedConditioner(self)
 
     def cameras(self) -> ViewBatchedCameras:
-        """The model's cameras ([`~carve3d_trl.rewards.multiview_cameras`] of its config)."""
-        config = self.config
-        return multiview_cameras(
-            config.num_views,
-            elevation=config.elevation,
-            azimuth_start=config.azimuth_start,
-            fov=config.camera_fov,
-            radius=config.camera_radius,
-        )
+        """The model's cameras ([`cameras_of_config`])."""
+        return cameras_of_config(self.config)
 
     def camera_inputs(self) -> torch.Tensor:
         """The model's camera inputs `(V, 16)`: MVDream's flattened camera-to-world matrices."""

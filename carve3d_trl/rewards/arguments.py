@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
-from .cameras import instant3d_layout, zero123pp_layout
+from .cameras import CameraLayout, instant3d_layout, zero123pp_layout
 from .metrics import alexnet_weights_path
 from .mrc import MRCReward
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}
+LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}  # grid layouts
+LAYOUT_CHOICES = ("auto", "model", *LAYOUTS)
 METRICS = ("auto", "lpips", "mse", "psnr")
 RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh")
 
@@ -24,7 +25,13 @@ RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh")
 class MRCArguments:
     """The MRC reward's settings as `HfArgumentParser` flags."""
 
-    mrc_layout: str = field(default="instant3d", metadata={"help": f"Camera layout: {', '.join(LAYOUTS)}."})
+    mrc_layout: str = field(
+        default="auto",
+        metadata={
+            "help": "Camera layout: auto (a view-batched model's own cameras, else instant3d), model (the "
+            f"view-batched model's cameras), or a grid layout: {', '.join(LAYOUTS)}."
+        },
+    )
     mrc_reconstructor: str = field(
         default="radiance_field", metadata={"help": "radiance_field (built in), openlrm or instantmesh."}
     )
@@ -43,8 +50,8 @@ class MRCArguments:
 
 def check_mrc_arguments(args: MRCArguments) -> dict[str, Any]:
     """Validate the settings without building anything; return the parsed reconstructor kwargs."""
-    if args.mrc_layout not in LAYOUTS:
-        raise ValueError(f"--mrc_layout must be one of {', '.join(LAYOUTS)}, got '{args.mrc_layout}'.")
+    if args.mrc_layout not in LAYOUT_CHOICES:
+        raise ValueError(f"--mrc_layout must be one of {', '.join(LAYOUT_CHOICES)}, got '{args.mrc_layout}'.")
     if args.mrc_metric not in METRICS:
         raise ValueError(f"--mrc_metric must be one of {', '.join(METRICS)}, got '{args.mrc_metric}'.")
     if args.mrc_reconstructor not in RECONSTRUCTORS:
@@ -76,11 +83,39 @@ def resolve_metric(metric: str) -> str:
     return "mse"
 
 
-def build_mrc_reward(args: MRCArguments, seed: int = 0, device: torch.device | str | None = None) -> MRCReward:
-    """The MRC reward the settings describe."""
+def resolve_layout(name: str, model_layout: CameraLayout | None = None) -> CameraLayout:
+    """The camera layout `--mrc_layout name` means for a model: a view-batched model's views are scored at its own
+    cameras (`model_layout`, from its config), a grid model's grid is split by a grid layout (`auto`: Instant3D's).
+
+    Raises:
+        ValueError: a grid layout named for a view-batched model, or `model` for a grid model.
+    """
+    if model_layout is not None:
+        if name in ("auto", "model"):
+            return model_layout
+        raise ValueError(
+            f"--mrc_layout {name} is a grid layout, but the model is view-batched: its views are scored at its own "
+            f"{model_layout.num_views} cameras. Use --mrc_layout auto (or model)."
+        )
+    if name == "model":
+        raise ValueError(
+            "--mrc_layout model needs a view-batched model (its cameras are in its config); for a grid model use "
+            f"auto or one of {', '.join(LAYOUTS)}."
+        )
+    return LAYOUTS["instant3d" if name == "auto" else name]()
+
+
+def build_mrc_reward(
+    args: MRCArguments,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    model_layout: CameraLayout | None = None,
+) -> MRCReward:
+    """The MRC reward the settings describe; `model_layout` is a view-batched model's cameras
+    ([`~carve3d_trl.pipelines.model_camera_layout`]), `None` for a grid model."""
     reconstructor_kwargs = check_mrc_arguments(args)
     return MRCReward(
-        LAYOUTS[args.mrc_layout](),
+        resolve_layout(args.mrc_layout, model_layout),
         args.mrc_reconstructor,
         metric=resolve_metric(args.mrc_metric),
         seed=seed,
