@@ -4,7 +4,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test test-slow bench replicate toy-model lint
+.PHONY: setup train test test-slow test-gpu gpu-check bench replicate toy-model lint
 
 setup:
 	bash scripts/bootstrap.sh
@@ -17,6 +17,16 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The CUDA checks (tests/gpu, marked `gpu`): they skip, with the reason, on a machine without CUDA.
+test-gpu: setup
+	$(PY) -m pytest -q -rs -m gpu
+
+# The prepared GPU check (set-up included, offline-tolerant, at most 8 minutes): results in GPU_CHECK_OUT, else in
+# $OUT, else in gpu_check_results/ (see the top of the script).
+GPU_CHECK_OUT ?=
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 bench: setup
 	$(PY) benchmarks/bench_trainer.py

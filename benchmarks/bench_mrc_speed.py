@@ -4,9 +4,12 @@ Each row times `MRCReward.__call__` on a batch of synthetic grids (default recon
 field, held-out protocol), then the same samples one call each, and reports the batch's time per sample and the
 ratio (time of B single calls) / (time of one batch call): above 1, batching pays. Wall time and process CPU time
 are both reported (the minimum over --repeats); CPU time is the robust one on a machine shared with other jobs.
+With `--device cuda` the reward runs on the GPU (the grids are rendered on CPU, then moved there; every timed call
+ends with the GPU's work done, since the reward returns CPU tensors) and the wall time is the one to read.
 
     python benchmarks/bench_mrc_speed.py
     python benchmarks/bench_mrc_speed.py --views 4 --sizes 64 --batches 1 8 --protocol same_view
+    python benchmarks/bench_mrc_speed.py --device cuda --views 4 --sizes 64 256 --batches 1 8 32 --objects 4
 """
 
 from __future__ import annotations
@@ -36,17 +39,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the reward runs: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument(
+        "--objects",
+        type=int,
+        default=None,
+        help="distinct synthetic objects rendered, repeated to fill the largest batch (default: one per sample; "
+        "rendering a 256 px object takes seconds of CPU)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mrc_speed.json")
     return parser.parse_args()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (nothing on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def best_times(reward: MRCReward, calls: list[torch.Tensor], repeats: int) -> tuple[float, float]:
     """Shortest (wall, CPU) times over `repeats` of scoring every batch in `calls`, one call each."""
     wall, cpu = [], []
     for _ in range(repeats):
+        synchronize(calls[0].device)
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         for images in calls:
             reward(images)
+        synchronize(calls[0].device)
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
     return min(wall), min(cpu)
@@ -56,8 +75,12 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
-    print(f"threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"device {device} ({where}), threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}"
+    )
     print(
         "| views | view size | batch B | wall s/sample, one call | wall s/sample, B calls | CPU s/sample, one call "
         "| B calls / one call (wall) | (CPU) |"
@@ -73,8 +96,10 @@ def main() -> None:
         )
         for size in args.sizes:
             generator = torch.Generator().manual_seed(0)
-            objects = [random_object(generator) for _ in range(max(args.batches))]
+            objects = [random_object(generator) for _ in range(args.objects or max(args.batches))]
             grids = tile_views(torch.stack([render_object(obj, layout, size) for obj in objects]), layout)
+            repeat = -(-max(args.batches) // len(objects))  # ceil: enough copies for the largest batch
+            grids = grids.repeat(repeat, 1, 1, 1)[: max(args.batches)].to(device)
             reward(grids[:1])  # warm-up
             for batch in args.batches:
                 images = grids[:batch]
@@ -100,6 +125,9 @@ def main() -> None:
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
+        device=str(device),
+        device_name=where,
+        objects=args.objects,
         protocol=args.protocol,
         reconstructor_kwargs=args.reconstructor_kwargs,
         metric=args.metric,

@@ -5,18 +5,20 @@
 3. Against the longer-SFT checkpoint: MRC, and diversity (mean pairwise pixel distance between the samples of one
    prompt), i.e. the distribution-shift trade-off.
 
-Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on `--train_prompts` captions with
-`MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with 50 steps to fit the CPU budget:
-`--reconstructor_kwargs`; the same reward scores the evaluation, a stronger one rescores it): one with the KL penalty
-(the recipe's in-reward KL, `--kl_coeff`), one without (`kl_penalty=False`, the KL still logged). Then five sources are
-evaluated on `--val_prompts` other captions x `--eval_seeds` seeds, each (prompt, seed) starting from the same noise:
-the renders of the scenes themselves (data), the short-SFT base, both RL models and the long-SFT checkpoint. Per
-sample: MRC, and the KL to the base model (mean over the DDIM steps of log p_model - log p_base of the model's own
-transitions, the trainer's estimator; for the long-SFT model, its own text encoder and UNet against the base's).
-Per prompt: diversity. Writes a JSON of every value and PNG figures; prints a markdown table.
+`--family grid` (default) uses the grid toy; `--family view_batched` the view-batched toy (4 views at its own cameras,
+which MRC reconstructs from). Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on
+`--train_prompts` captions with `MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with
+50 steps to fit the CPU budget: `--reconstructor_kwargs`; the same reward scores the evaluation, a stronger one
+rescores it): one with the KL penalty (the recipe's in-reward KL, `--kl_coeff`), one without (`kl_penalty=False`, the
+KL still logged). Then five sources are evaluated on `--val_prompts` other captions x `--eval_seeds` seeds, each
+(prompt, seed) starting from the same noise: the renders of the scenes themselves (data), the short-SFT base, both RL
+models and the long-SFT checkpoint. Per sample: MRC, and the KL to the base model (mean over the DDIM steps of log
+p_model - log p_base of the model's own transitions, the trainer's estimator; for the long-SFT model, its own text
+encoder and UNet against the base's). Per prompt: diversity. Writes a JSON of every value and PNG figures; prints a
+markdown table.
 
-The pretrained LPIPS (AlexNet) trunk cannot be downloaded here, so MRC uses `--metric psnr` by default (dB, higher
-is more consistent; `lpips` needs the weights on disk). Every process uses one torch thread.
+MRC uses `--metric psnr` by default (dB, higher is more consistent), as the recorded runs did; `lpips` needs the
+pretrained trunk on disk (`scripts/fetch_lpips_trunk.py`). Every process uses one torch thread.
 
 Usage: `OMP_NUM_THREADS=1 python benchmarks/bench_replication.py [--epochs 50] [--out benchmarks/results/replication]`
 """
@@ -72,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the runs and of the evaluation noise.")
+    parser.add_argument(
+        "--family",
+        default="grid",
+        choices=("grid", "view_batched"),
+        help="Which toy: the grid toy (2x2 grids) or the view-batched one (4 views, MVDream's architecture).",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "replication", help="Prefix of the .json and .png.")
     args = parser.parse_args(argv)
     if min(args.epochs, args.train_prompts, args.samples_per_prompt, args.val_prompts, args.steps) < 1:
@@ -102,11 +110,11 @@ def diversity(images: torch.Tensor) -> float:
     return statistics.mean(float((a - b).pow(2).mean().sqrt()) for a, b in combinations(images, 2))
 
 
-def data_samples(scenes: list, seeds: list[int]) -> torch.Tensor:
+def data_samples(scenes: list, seeds: list[int], family: str = "grid") -> torch.Tensor:
     """Renders of each validation scene at seed-dependent yaw and sizes: the data distribution of its caption."""
     from dataclasses import replace
 
-    from carve3d_trl.toy.data import render_scenes
+    from carve3d_trl.toy import render_scene_views, render_scenes
 
     varied = []
     for scene in scenes:
@@ -121,22 +129,25 @@ def data_samples(scenes: list, seeds: list[int]) -> torch.Tensor:
                     bottom=scene.bottom and replace(scene.bottom, size=0.8 + 0.4 * bottom),
                 )
             )
-    return render_scenes(varied)
+    return render_scenes(varied) if family == "grid" else render_scene_views(varied)
 
 
 def evaluate(images: torch.Tensor, kl: torch.Tensor, rewards: dict, num_prompts: int, num_seeds: int) -> dict:
     """Per sample `(prompt, seed)` the MRC of each of `rewards` (named by its key) and the KL, per prompt the
-    diversity, and the grids of the first seed."""
+    diversity, and the grids of the first seed (a view-batched sample's views tiled 2x2)."""
+    from carve3d_trl.image_logging import tile_views_grid
+
     scores = {
         key: torch.cat([reward(images[i : i + 8])[1]["mrc"] for i in range(0, len(images), 8)])
         for key, reward in rewards.items()
     }
     grids = images.view(num_prompts, num_seeds, *images.shape[1:])
+    first = grids[:, 0] if images.ndim == 4 else tile_views_grid(grids[:, 0])
     return {
         **{key: mrc.view(num_prompts, num_seeds).tolist() for key, mrc in scores.items()},
         "kl": kl.view(num_prompts, num_seeds).tolist(),
         "diversity": [diversity(g) for g in grids],
-        "first_seed_grids": grids[:, 0],
+        "first_seed_grids": first,
     }
 
 
@@ -145,7 +156,7 @@ def evaluate(images: torch.Tensor, kl: torch.Tensor, rewards: dict, num_prompts:
 
 def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workdir: Path):
     """Fine-tune LoRA adapters of the short-SFT model with Carve3D; returns the trainer (its pipeline and history)."""
-    from carve3d_trl import Carve3DConfig, Carve3DStableDiffusionPipeline, Carve3DTrainer
+    from carve3d_trl import Carve3DConfig, Carve3DTrainer, load_ddpo_pipeline
     from carve3d_trl.toy import toy_model_path
 
     prompt_file = workdir / "train_prompts.txt"
@@ -172,7 +183,7 @@ def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workd
         logdir=str(workdir / ("kl" if kl else "no_kl")),
         seed=args.seed,
     )
-    pipeline = Carve3DStableDiffusionPipeline(str(toy_model_path("short")), lora_rank=4)
+    pipeline = load_ddpo_pipeline(str(toy_model_path("short", family=args.family)), lora_rank=4)
     trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline)
     trainer.sd_pipeline.set_progress_bar_config(disable=True)
     trainer.train()
@@ -310,8 +321,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline
 
     from carve3d_trl.evaluation import sample_with_kl
+    from carve3d_trl.pipelines import MultiViewDiffusionPipeline
     from carve3d_trl.rewards import MRCReward, instant3d_layout
-    from carve3d_trl.toy import toy_model_path
+    from carve3d_trl.toy import toy_model_path, toy_view_cameras
 
     start = time.time()
     timings: dict[str, float] = {}
@@ -321,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def make_reward(kwargs_json: str) -> MRCReward:
         kwargs = json.loads(kwargs_json) or None
-        return MRCReward(instant3d_layout(), metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
+        layout = instant3d_layout() if args.family == "grid" else toy_view_cameras().layout
+        return MRCReward(layout, metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
 
     reward = make_reward(args.reconstructor_kwargs)
     scorers = {"mrc": reward}
@@ -335,9 +348,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, eta=1.0)
     results: dict[str, dict[str, Any]] = {}
 
-    results["data"] = evaluate(data_samples(val_scenes, seeds), torch.zeros(len(prompts)), scorers, *num)
-    base = StableDiffusionPipeline.from_pretrained(toy_model_path("short"), torch_dtype=torch.float32)
-    long = StableDiffusionPipeline.from_pretrained(toy_model_path("long"), torch_dtype=torch.float32)
+    data = data_samples(val_scenes, seeds, args.family)
+    results["data"] = evaluate(data, torch.zeros(len(prompts)), scorers, *num)
+    pipeline_class = StableDiffusionPipeline if args.family == "grid" else MultiViewDiffusionPipeline
+    base = pipeline_class.from_pretrained(toy_model_path("short", family=args.family), torch_dtype=torch.float32)
+    long = pipeline_class.from_pretrained(toy_model_path("long", family=args.family), torch_dtype=torch.float32)
     images, kl = sample_with_kl(base, prompts, sample_seeds, **sampling)
     results["base (short SFT)"] = evaluate(images, kl, scorers, *num)
     images, kl = sample_with_kl(long, prompts, sample_seeds, reference=base, **sampling)

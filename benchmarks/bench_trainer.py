@@ -20,7 +20,11 @@ Every benchmark process calls `torch.set_num_threads(1)`: tiny models gain nothi
 2-core machine a second OpenMP thread stalls badly whenever another process holds the other core.
 
 Usage: `python benchmarks/bench_trainer.py [--rounds 5] [--image_size 64] [--vae_blocks 3] [--steps 10]`
-(`--help` lists the batch flags, `--skip_timing` and `--skip_memory`).
+(`--help` lists the batch flags, `--skip_timing` and `--skip_memory`). The model flags (`--unet_channels`,
+`--layers_per_block`, `--cross_attention_blocks`, `--norm_num_groups`, `--text_hidden_size`) and `--mixed_precision`
+default to the tiny fp32 CPU workload; on a GPU, an SD-1.5-size UNet in fp16 (`benchmarks/gpu_check.sh` runs this):
+`--image_size 256 --vae_blocks 4 --unet_channels 320,640,1280,1280 --layers_per_block 2 --cross_attention_blocks 3
+--norm_num_groups 32 --text_hidden_size 768 --mixed_precision fp16`.
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ from typing import Any
 from harness import (
     PHASES,
     TimedTrainer,
+    add_model_arguments,
     add_workload_arguments,
     brightness_reward,
     common_config,
     current_rss_mb,
     environment_lines,
     log,
+    model_flags,
+    model_spec,
     peak_rss_mb,
     prompt_cycle,
     quiet_and_single_threaded,
@@ -62,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the hidden `--memory_variant`/`--model_dir` run one memory measurement (subprocess)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--memory_epochs", type=int, default=1, help="Epochs run per memory measurement.")
     parser.add_argument("--memory_variant", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
@@ -75,11 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def save_model(root: Path, args: argparse.Namespace) -> Path:
-    """Save the tiny pipeline (random weights, seed 0) under `root`; returns its folder."""
-    from carve3d_trl.testing import TinyPipelineSpec, save_tiny_pipeline
+    """Save the pipeline of the model flags (random weights, seed 0) under `root`; returns its folder."""
+    from carve3d_trl.testing import save_tiny_pipeline
 
-    spec = TinyPipelineSpec(image_size=args.image_size, vae_blocks=args.vae_blocks)
-    return save_tiny_pipeline(root / "tiny-sd", spec, seed=0)
+    return save_tiny_pipeline(root / "tiny-sd", model_spec(args), seed=0)
 
 
 def build_ddpo(args: argparse.Namespace, model_dir: Path, logdir: Path) -> Any:
@@ -216,6 +223,7 @@ def run_memory_subprocesses(args: argparse.Namespace, model_dir: Path) -> list[d
         f"--train_batch_size={args.train_batch_size}",
         f"--memory_epochs={args.memory_epochs}",
         f"--model_dir={model_dir}",
+        *model_flags(args),  # the children load the saved model; what they use of these is the precision
     ]
     # Large blocks come from mmap and go back to the OS when freed, so the RSS follows the live tensors (as CUDA's
     # allocated bytes do) instead of glibc's free lists; without it, the same run's peak varies by +-10%.

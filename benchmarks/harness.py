@@ -40,6 +40,66 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip_memory", action="store_true", help="Only measure epoch times.")
 
 
+def channel_list(text: str) -> tuple[int, ...]:
+    """`"320,640,1280,1280"` -> `(320, 640, 1280, 1280)` (the `--unet_channels` flag)."""
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
+    return channels
+
+
+# The model flags, their defaults being `TinyPipelineSpec`'s (the tiny CPU workload); `model_flags` passes them on.
+MODEL_FLAGS = ("unet_channels", "layers_per_block", "cross_attention_blocks", "norm_num_groups", "text_hidden_size")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the model's size and of the precision. Their defaults give the tiny model of the CPU workload;
+    Stable Diffusion 1.5's UNet is `--unet_channels 320,640,1280,1280 --layers_per_block 2 --cross_attention_blocks 3
+    --norm_num_groups 32 --text_hidden_size 768` (the VAE and text encoder stay tiny)."""
+    parser.add_argument(
+        "--unet_channels", type=channel_list, default=(32, 64), help="UNet block widths, comma-separated."
+    )
+    parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet/attention layers per UNet block.")
+    parser.add_argument(
+        "--cross_attention_blocks",
+        type=int,
+        default=None,
+        help="UNet blocks with cross-attention (first going down, last going up); default: all.",
+    )
+    parser.add_argument("--norm_num_groups", type=int, default=8, help="Group-norm groups of the UNet.")
+    parser.add_argument(
+        "--text_hidden_size", type=int, default=32, help="Text encoder width (the UNet's cross-attention width)."
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="accelerate's mixed precision: frozen weights in half precision, LoRA in fp32 (fp16 needs a GPU).",
+    )
+
+
+def model_spec(args: argparse.Namespace) -> Any:
+    """The `TinyPipelineSpec` of the workload: `--image_size`, `--vae_blocks` and the model flags (a script without
+    `add_model_arguments` gets the spec's defaults)."""
+    from carve3d_trl.testing import TinyPipelineSpec
+
+    sizes = {name: getattr(args, name) for name in MODEL_FLAGS if hasattr(args, name)}
+    return TinyPipelineSpec(image_size=args.image_size, vae_blocks=args.vae_blocks, **sizes)
+
+
+def model_flags(args: argparse.Namespace) -> list[str]:
+    """The model and precision flags of `args` as command-line arguments, for a child process of the same script."""
+    flags = []
+    for name in (*MODEL_FLAGS, "mixed_precision"):
+        value = getattr(args, name, None)
+        if value is not None:
+            flags.append(f"--{name}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return flags
+
+
 QUIET_LOGGERS = ("trl", "diffusers", "transformers", "accelerate", "peft", "carve3d_trl")
 
 
@@ -86,7 +146,7 @@ def common_config(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         sample_num_batches_per_epoch=args.batches_per_epoch,
         train_batch_size=args.train_batch_size,
         per_prompt_stat_tracking=True,
-        mixed_precision="no",
+        mixed_precision=getattr(args, "mixed_precision", "no"),
         log_with=None,
         save_freq=10**9,  # no checkpoint (TRL's `accelerator.save_state()` needs a project dir) during timing
         logdir=str(logdir),
@@ -228,16 +288,28 @@ def environment_lines(args: argparse.Namespace) -> Iterator[str]:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     latent = args.image_size // 2 ** (args.vae_blocks - 1)
+    precision = getattr(args, "mixed_precision", "no")
+    precision = "fp32" if precision == "no" else f"{precision} mixed precision (LoRA in fp32)"
     yield f"- Date: {datetime.date.today().isoformat()}; machine: {platform.machine()} {device}"
     yield (
         f"- torch {torch.__version__}, trl {trl.__version__}, python {platform.python_version()}; "
         f"torch.set_num_threads(1) (threads now: {torch.get_num_threads()})"
     )
+    model = f"tiny SD pipeline {args.image_size}x{args.image_size} (latent {latent}x{latent})"
+    spec = model_spec(args)
+    if spec != type(spec)(image_size=args.image_size, vae_blocks=args.vae_blocks):  # not the tiny model's UNet
+        down, _ = spec.unet_block_types
+        model = (
+            f"SD pipeline {args.image_size}x{args.image_size} (latent {latent}x{latent}) with a UNet of widths "
+            f"{','.join(map(str, spec.unet_channels))}, {spec.layers_per_block} layer(s) per block, cross-attention "
+            f"in {down.count('CrossAttnDownBlock2D')} of {len(down)} blocks, text width {spec.text_hidden_size} "
+            "(random weights; the VAE and text encoder stay tiny)"
+        )
     yield (
-        f"- Workload: tiny SD pipeline {args.image_size}x{args.image_size} (latent {latent}x{latent}), "
+        f"- Workload: {model}, "
         f"{args.steps} DDIM steps, "
         f"{args.batches_per_epoch} x {args.sample_batch_size} samples per epoch, train batch {args.train_batch_size} "
-        f"(one update per epoch), CFG 5.0 in sampling and training, LoRA rank 4, fp32, mean-brightness reward"
+        f"(one update per epoch), CFG 5.0 in sampling and training, LoRA rank 4, {precision}, mean-brightness reward"
     )
     yield "- Command: `" + " ".join([f"python benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]) + "`"
 

@@ -488,8 +488,11 @@ class Carve3DTrainer(ModelFolderMixin, UnsupportedTRLMethods, DDPOTrainer):
                     if self.accelerator.sync_gradients:
                         grad_norm = self.accelerator.clip_grad_norm_(params, self.config.train_max_grad_norm)
                         finite = bool(torch.isfinite(grad_norm))
-                    if finite:
+                    if finite or self.accelerator.scaler is not None:
+                        # fp16's GradScaler skips a non-finite step itself and must see it to lower its scale
                         self.optimizer.step()
+                        finite = finite and not self.optimizer.step_was_skipped
+                    if finite:
                         self._epoch_updated = self._epoch_updated or self.accelerator.sync_gradients
                     else:  # never write NaN/inf into the weights
                         logger.warning("Epoch %d: non-finite gradient norm; optimizer step skipped.", epoch)

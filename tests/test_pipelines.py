@@ -7,7 +7,7 @@ from trl.models.modeling_sd_base import pipeline_step
 
 from carve3d_trl import Carve3DStableDiffusionPipeline
 from carve3d_trl.evaluation import sample_with_kl
-from carve3d_trl.pipelines import add_lora_adapter
+from carve3d_trl.pipelines import add_lora_adapter, sample_with_log_probs, transition_log_probs
 
 
 def test_the_sd_pipeline_call_equals_trls_loop_from_the_same_random_state(tiny_model_path):
@@ -56,3 +56,36 @@ def test_evaluation_kl_is_zero_against_itself_and_positive_once_the_lora_moves(t
     assert (kl > 0).all() and not torch.allclose(moved, images)
     _, none = sample_with_kl(pipe, ["a red cube"], [0], **settings)
     assert torch.equal(none, torch.zeros(1))
+
+
+def test_a_half_precision_step_records_the_log_prob_of_the_stored_latent(tiny_model_path):
+    # TRL's step scores x_{t-1} before rounding it to the latents' dtype; the KL reference and training score the
+    # stored one, so the recorded value must be that one's (else the KL of a fresh LoRA is not 0 in fp16/bf16).
+    pipeline = Carve3DStableDiffusionPipeline(tiny_model_path)
+    pipe = pipeline.sd_pipeline.to(torch.bfloat16)
+    conditioning = pipeline.conditioner.encode(["a red cube", "a blue sphere"])
+    negative = pipeline.conditioner.encode_negative("", 2)
+    settings = dict(guidance_scale=5.0, eta=1.0)
+    output = sample_with_log_probs(
+        pipe,
+        pipeline.conditioner,
+        conditioning,
+        negative,
+        num_inference_steps=3,
+        generator=torch.Generator(),
+        **settings,
+    )
+    latents = torch.stack(output.latents, dim=1)
+    assert latents.dtype == torch.bfloat16
+    recomputed = transition_log_probs(
+        pipe,
+        pipe.unet,
+        pipeline.conditioner,
+        pipe.scheduler.timesteps,
+        latents[:, :-1],
+        latents[:, 1:],
+        conditioning,
+        negative,
+        **settings,
+    )
+    torch.testing.assert_close(torch.stack(output.log_probs, dim=1), recomputed, atol=0, rtol=0)

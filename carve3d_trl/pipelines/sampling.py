@@ -68,9 +68,12 @@ def sample_with_log_probs(
         model_input = scheduler.scale_model_input(latents, timestep)
         noise_pred = guided_noise(unet, conditioner, model_input, timestep, conditioning, negative, guidance_scale)
         step = scheduler_step(scheduler, noise_pred, timestep, latents, eta, generator=generator)
+        # TRL scores the sample before rounding it to the latents' dtype; score the stored (rounded) one, which the
+        # KL reference and training score too (identical in float32)
+        log_probs = scheduler_step(scheduler, noise_pred, timestep, latents, eta, prev_sample=step.latents).log_probs
         latents = step.latents
         all_latents.append(latents)
-        all_log_probs.append(step.log_probs)
+        all_log_probs.append(log_probs)
     return DDPOPipelineOutput(decode_latents(pipeline.vae, latents), all_latents, all_log_probs)
 
 

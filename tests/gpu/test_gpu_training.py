@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from small_run import PROMPTS, SMALL, brightness
+from small_run import PROMPTS, SMALL
 
 from carve3d_trl import Carve3DConfig, Carve3DTrainer
 
@@ -24,6 +24,11 @@ pytestmark = [
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MiB = 2**20
+
+
+def brightness(images, prompts, metadata):
+    """Mean brightness per sample, of a grid `(B, 3, H, W)` or of the views `(B, V, 3, h, w)` (view-batched)."""
+    return images.flatten(1).mean(dim=1), {}
 
 
 def cycle():
@@ -98,7 +103,9 @@ def test_lora_trains_in_mixed_precision_with_fp32_adapters(tiny_model, precision
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_kl_is_exactly_zero_with_a_fresh_lora_under_autocast(tiny_model, precision, tmp_path):
     """A fresh LoRA's `B` is zero, so the sampled and the reference passes (adapters disabled) compute the same
-    half-precision numbers: the KL is exactly 0, not merely small."""
+    half-precision numbers: the KL is exactly 0, not merely small. This also needs the sampler's log-probability to
+    be that of x_{t-1} as stored (in the latents' half precision), which is what the reference pass and the
+    training recomputation score."""
     trainer = make_trainer(tiny_model, tmp_path, mixed_precision=precision)  # epoch 0: warm-up, no update
     (sample,), _ = trainer._generate_samples(iterations=1, batch_size=2)
     assert sample["log_probs"].is_cuda
@@ -206,7 +213,7 @@ def test_the_kl_reference_costs_no_cuda_memory_with_lora(medium_model, tmp_path)
     so the KL may not raise the peak of an epoch (construction included) above 5% + 8 MiB of the KL-off peak.
 
     The margin leaves room for the caching allocator, whose allocated bytes depend on the order of earlier
-    allocations (a reused block is counted whole), and is far below the 126 MiB a second UNet would add."""
+    allocations (a reused block is counted whole), and is far below the ~126 MiB a second UNet would add."""
 
     def peak(name, **kl):
         gc.collect()
