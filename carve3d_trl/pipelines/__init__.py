@@ -35,7 +35,7 @@ from .lora import (
     save_unet_weights,
 )
 from .mixin import Carve3DPipelineMixin
-from .sampling import decode_latents, sample_with_log_probs, transition_log_probs
+from .sampling import decode_latents, sample_prompts, sample_with_log_probs, transition_log_probs
 from .stable_diffusion import Carve3DStableDiffusionPipeline, StableDiffusionConditioner
 from .stable_diffusion_xl import Carve3DStableDiffusionXLPipeline, StableDiffusionXLConditioner
 from .view_batched import (
@@ -78,6 +78,7 @@ __all__ = [
     "model_camera_layout",
     "repeat_conditioning",
     "resolve_family",
+    "sample_prompts",
     "sample_with_log_probs",
     "save_unet_weights",
     "split_conditioning",

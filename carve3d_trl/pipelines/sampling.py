@@ -78,6 +78,41 @@ def sample_with_log_probs(
 
 
 @torch.no_grad()
+def sample_prompts(
+    pipeline,
+    conditioner: PromptConditioner,
+    prompt: str | list[str],
+    negative_prompt: str | None = None,
+    *,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator: Generators = None,
+    latents: torch.Tensor | None = None,
+) -> DDPOPipelineOutput:
+    """[`sample_with_log_probs`] of `num_images_per_prompt` samples per prompt: what a pipeline's `__call__` does.
+
+    The negative prompt (default `""`) is encoded only when guidance applies (`guidance_scale > 1`).
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    conditioning = conditioner.encode(prompts)
+    negative = conditioner.encode_negative(negative_prompt or "", len(prompts)) if guidance_scale > 1.0 else None
+    return sample_with_log_probs(
+        pipeline,
+        conditioner,
+        conditioning,
+        negative,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        generator=generator,
+        latents=latents,
+    )
+
+
+@torch.no_grad()
 def transition_log_probs(
     pipeline,
     unet: torch.nn.Module,

@@ -28,7 +28,7 @@ from ..image_logging import tile_views_grid
 from ..rewards.cameras import CameraLayout, ViewBatchedCameras, multiview_cameras
 from .conditioning import Conditioning, repeat_conditioning
 from .lora import DEFAULT_LORA_TARGETS
-from .sampling import Generators, sample_with_log_probs
+from .sampling import Generators, sample_prompts
 from .wrapped import WrappedDDPOPipeline
 
 CAMERA_INPUTS = 16  # a flattened 4x4 camera-to-world matrix
@@ -271,17 +271,12 @@ class MultiViewDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMix
         Returns:
             [`MultiViewPipelineOutput`]: `images` `(B, V, 3, H, W)` in [0, 1] and their tiled `grid`.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        conditioning = self.conditioner.encode(prompts)
-        negative = (
-            self.conditioner.encode_negative(negative_prompt or "", len(prompts)) if guidance_scale > 1 else None
-        )
-        output = sample_with_log_probs(
+        output = sample_prompts(
             self,
             self.conditioner,
-            conditioning,
-            negative,
+            prompt,
+            negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             eta=eta,

@@ -13,7 +13,7 @@ from trl.models.modeling_sd_base import DDPOPipelineOutput, DDPOSchedulerOutput,
 from .conditioning import PromptConditioner
 from .lora import save_unet_weights
 from .mixin import Carve3DPipelineMixin
-from .sampling import Generators, sample_with_log_probs
+from .sampling import Generators, sample_prompts
 
 
 class WrappedDDPOPipeline(Carve3DPipelineMixin, DDPOStableDiffusionPipeline):
@@ -65,16 +65,11 @@ class WrappedDDPOPipeline(Carve3DPipelineMixin, DDPOStableDiffusionPipeline):
             `DDPOPipelineOutput`: `images` `(B, 3, H, W)` in [0, 1] (`(B, V, 3, H, W)` for a view-batched model),
             `latents` (`T + 1` tensors of the latent shape) and `log_probs` (`T` tensors `(B,)`).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        conditioning = self.conditioner.encode(prompts)
-        negative = None
-        if guidance_scale > 1.0:
-            negative = self.conditioner.encode_negative(negative_prompt or "", len(prompts))
-        return sample_with_log_probs(
+        return sample_prompts(
             self,
             self.conditioner,
-            conditioning,
-            negative,
+            prompt,
+            negative_prompt,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             eta=eta,
