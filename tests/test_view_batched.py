@@ -317,3 +317,16 @@ def test_the_model_cards_loading_snippet_runs_for_the_family(tiny_vb_path, tmp_p
     namespace: dict = {}
     exec(compile(cpu, "model_card_snippet", "exec"), namespace)  # noqa: S102 - the card's own code
     assert namespace["views"].shape == (4, 3, 16, 16) and (tmp_path / "views.png").is_file()
+
+
+def test_cameras_the_model_was_not_trained_for_are_flagged(tiny_vb_path, tmp_path, caplog):
+    components = MultiViewDiffusionPipeline.from_pretrained(tiny_vb_path).components
+    with caplog.at_level("WARNING", logger="carve3d_trl.pipelines.view_batched"):
+        MultiViewDiffusionPipeline(**components, elevation=15.0)
+        assert not caplog.records
+        MultiViewDiffusionPipeline(**components, elevation=45.0)
+    assert "outside the 0-30 degrees" in caplog.text
+    six_views = MRCReward(multiview_cameras(6).layout, RadianceFieldReconstructor(steps=1), metric="mse")
+    config = Carve3DConfig(**SMALL, logdir=str(tmp_path / "logs"))
+    with pytest.raises(ValueError, match=r"\(6 views, 1x6\) is not this view-batched model's cameras \(4 views"):
+        Carve3DTrainer(config, six_views, cycle(), Carve3DViewBatchedPipeline(tiny_vb_path))
