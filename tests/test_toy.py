@@ -134,9 +134,21 @@ def run_script(script: str, *args: str) -> None:
     subprocess.run([sys.executable, str(ROOT / script), *args], check=True, capture_output=True, timeout=900)
 
 
-def test_replication_benchmark_smoke(tmp_path):
+@pytest.mark.parametrize("family", ["grid", "view_batched"])
+def test_replication_benchmark_smoke(tmp_path, family):
     out = tmp_path / "replication"
-    args = ["--epochs", "2", "--train_prompts", "2", "--samples_per_prompt", "2", "--val_prompts", "2"]
+    args = [
+        "--family",
+        family,
+        "--epochs",
+        "2",
+        "--train_prompts",
+        "2",
+        "--samples_per_prompt",
+        "2",
+        "--val_prompts",
+        "2",
+    ]
     args += ["--eval_seeds", "2", "--steps", "2", "--reconstructor_kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
     args += ["--check_reconstructor_kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
     run_script("benchmarks/bench_replication.py", *args, "--out", str(out))
