@@ -28,6 +28,7 @@ _EXPORTS = {
     "mrc": ["MRCReward"],
     "reconstructors": [
         "InstantMeshReconstructor",
+        "LGMReconstructor",
         "OpenLRMReconstructor",
         "RadianceFieldReconstructor",
         "Reconstructor",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from .mrc import MRCReward
     from .reconstructors import (
         InstantMeshReconstructor,
+        LGMReconstructor,
         OpenLRMReconstructor,
         RadianceFieldReconstructor,
         Reconstructor,

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}  # grid layouts
 LAYOUT_CHOICES = ("auto", "model", *LAYOUTS)
 METRICS = ("auto", "lpips", "mse", "psnr")
-RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh")
+RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh", "lgm")
 
 
 @dataclass
@@ -33,7 +33,8 @@ class MRCArguments:
         },
     )
     mrc_reconstructor: str = field(
-        default="radiance_field", metadata={"help": "radiance_field (built in), openlrm or instantmesh."}
+        default="radiance_field",
+        metadata={"help": "radiance_field (built in), or openlrm, instantmesh, lgm (a user's clone)."},
     )
     mrc_metric: str = field(
         default="auto",
