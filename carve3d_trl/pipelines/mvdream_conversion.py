@@ -43,6 +43,7 @@ from .view_batched import CAMERA_INPUTS, MultiViewDiffusionPipeline
 __all__ = [
     "LDM_UNET_PREFIX",
     "MVDREAM_DDIM",
+    "MVDREAM_PORT_AZIMUTH_START",
     "MVDREAM_TRAINING_SCHEDULE",
     "MVDREAM_UNET_PARAMS",
     "build_mvdream_pipeline",
@@ -362,6 +363,12 @@ def load_mvdream_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Ten
 # ashawkey/mvdream_diffusers (a diffusers port): its `unet/` folder holds MVDream's UNet class as a diffusers model,
 # under MVDream's own keys; its config is MVDream's `unet_config.params` less these (its transformers are all linear).
 PORT_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# The `azimuth_start` (MVDream's convention, `multiview_cameras`) at which the port's own camera function puts its
+# views: its `get_camera(num_frames, elevation)` (kiui's `orbit_camera`, then OpenGL -> Blender) equals MVDream's
+# `get_camera` exactly, so 0, as for the original checkpoint (measured at ashawkey/mvdream_diffusers 8b318ef with kiui
+# 0.2.0, the version it pins; `tests/test_mvdream_cameras.py`). The 90 degrees said to separate the ports are
+# lizhiqi49/mvdream-diffusers' (its azimuth 0 on +X is MVDream's 90): a layout this module does not read.
+MVDREAM_PORT_AZIMUTH_START = 0.0
 _PORT_DEFAULTS = {"use_spatial_transformer": True, "use_linear_in_transformer": True}
 
 
@@ -430,7 +437,9 @@ def build_mvdream_pipeline(
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
             raise ValueError(f"Unknown dtype {torch_dtype!r}; use e.g. 'float32', 'float16' or 'bfloat16'.")
         torch_dtype = getattr(torch, torch_dtype)
+    azimuth_start = 0.0  # MVDream's own cameras; a converted folder keeps its source's (`camera_inputs()`)
     if not isinstance(checkpoint, Mapping) and Path(checkpoint).is_dir():
+        azimuth_start = MVDREAM_PORT_AZIMUTH_START
         base_model = base_model or checkpoint
         checkpoint, port_params = read_mvdream_port(checkpoint)
         model = model or port_params
@@ -474,6 +483,7 @@ def build_mvdream_pipeline(
         scheduler=scheduler,
         num_views=num_views,
         elevation=elevation,
+        azimuth_start=azimuth_start,
     )
     return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
 
