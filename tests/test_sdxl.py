@@ -242,7 +242,7 @@ def test_the_family_is_detected_from_the_model_index(tiny_sdxl_path, tiny_model_
         load_ddpo_pipeline(str(tiny_model_path), family="sd3")
 
 
-@pytest.mark.parametrize("name", ["instant3d_sdxl.yaml", "sd_grid.yaml", "view_batched_toy.yaml"])
+@pytest.mark.parametrize("name", ["instant3d_sdxl.yaml", "sd_grid.yaml", "view_batched_toy.yaml", "mvdream_sd21.yaml"])
 def test_example_configurations_parse_into_the_training_script(name):
     carve3d_train = load_script(ROOT / "examples" / "carve3d_train.py")
     path = ROOT / "examples" / "configs" / name
