@@ -91,6 +91,7 @@ class Carve3DTrainer(ModelFolderMixin, UnsupportedTRLMethods, DDPOTrainer):
         state = ensure_process_state(cpu=bool(config.accelerator_kwargs.get("cpu", False)))
         if sd_pipeline is None:
             raise ValueError("`sd_pipeline` is required, e.g. Carve3DStableDiffusionPipeline('<model id or folder>').")
+        check_reward_cameras(reward_function, sd_pipeline)  # before any tracker or checkpoint folder is made
         self.config = config = as_carve3d_config(config)
         self.reward_fn = reward_function
         self.image_samples_callback = image_samples_hook
@@ -135,7 +136,6 @@ class Carve3DTrainer(ModelFolderMixin, UnsupportedTRLMethods, DDPOTrainer):
             )
         set_seed(config.seed, device_specific=True)
 
-        check_reward_cameras(reward_function, sd_pipeline)
         self.sd_pipeline = sd_pipeline
         self.conditioner = conditioner_of(sd_pipeline)
         inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
