@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout  # noqa: E402
 from carve3d_trl.synthetic import (  # noqa: E402
+    CAMERA_DISTORTIONS,
     DISTORTIONS,
     OracleReconstructor,
     ValidityResult,
@@ -66,7 +67,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--objects", type=int, default=8)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    parser.add_argument("--distortions", nargs="+", choices=DISTORTIONS, default=list(DISTORTIONS))
+    parser.add_argument(
+        "--distortions",
+        nargs="+",
+        choices=DISTORTIONS + CAMERA_DISTORTIONS,
+        default=list(DISTORTIONS),
+        help="Default: the four object distortions; camera_elevation, camera_azimuth: a view from a wrong camera.",
+    )
     parser.add_argument("--view_size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--object_seed", type=int, default=0)

@@ -4,11 +4,12 @@
 strength, and `validity` measures how MRC (`carve3d_trl.rewards.MRCReward`) follows that strength.
 """
 
-from .distortions import DISTORTIONS, distort_views
+from .distortions import CAMERA_DISTORTIONS, DISTORTIONS, distort_views, moved_camera
 from .objects import Primitive, SyntheticObject, random_object, render_object
 from .validity import OracleReconstructor, ValidityResult, consistent_views, run_validity_study, spearman
 
 __all__ = [
+    "CAMERA_DISTORTIONS",
     "DISTORTIONS",
     "OracleReconstructor",
     "Primitive",
@@ -16,6 +17,7 @@ __all__ = [
     "ValidityResult",
     "consistent_views",
     "distort_views",
+    "moved_camera",
     "random_object",
     "render_object",
     "run_validity_study",

@@ -82,7 +82,7 @@ def run_validity_study(
         layout: Cameras of the synthetic views.
         num_objects: Number of random objects (`random_object` with a generator seeded by `object_seed`).
         levels: Distortion strengths in [0, 1], the first being 0 (consistent views).
-        distortions: Names from `DISTORTIONS`.
+        distortions: Names from `DISTORTIONS` or `CAMERA_DISTORTIONS`.
         view_size: Side of each view in pixels.
         view_index: The view made inconsistent.
         seeds: Reconstructor seeds; the first scores every distorted set, all of them score the consistent sets.

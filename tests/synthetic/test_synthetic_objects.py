@@ -1,8 +1,17 @@
 import pytest
 import torch
 
-from carve3d_trl.rewards import foreground_mask, instant3d_layout
-from carve3d_trl.synthetic import DISTORTIONS, Primitive, SyntheticObject, distort_views, random_object, render_object
+from carve3d_trl.rewards import foreground_mask, instant3d_layout, orbit_layout
+from carve3d_trl.synthetic import (
+    CAMERA_DISTORTIONS,
+    DISTORTIONS,
+    Primitive,
+    SyntheticObject,
+    distort_views,
+    moved_camera,
+    random_object,
+    render_object,
+)
 from carve3d_trl.synthetic.objects import _bounding_radius
 
 
@@ -56,3 +65,27 @@ def test_unknown_names_are_rejected(scene):
         distort_views(obj, layout, 32, "blur", 0.5)
     with pytest.raises(ValueError, match="sphere, box, cylinder, torus"):
         Primitive("cone", (0.0, 0.0, 0.0), (0.3,))
+
+
+@pytest.mark.parametrize("kind", CAMERA_DISTORTIONS)
+def test_camera_distortions_change_only_the_chosen_view_and_vanish_at_strength_zero(scene, kind):
+    layout, obj, views = scene
+    torch.testing.assert_close(distort_views(obj, layout, 32, kind, 0.0, view_index=2, views=views), views)
+    distorted = distort_views(obj, layout, 32, kind, 1.0, view_index=2, views=views)
+    torch.testing.assert_close(distorted[[0, 1, 3]], views[[0, 1, 3]])
+    assert (distorted[2] - views[2]).abs().mean() > 0.005
+
+
+def test_a_camera_distortion_is_the_view_from_the_moved_camera():
+    # instant3d's cameras are at elevation 20, azimuths 0/90/180/270: view 1 raised by 10 degrees (strength 0.5) is
+    # the view from elevation 30 at azimuth 90, and view 1 turned by 15 degrees (strength 0.5) the one from 105.
+    layout = instant3d_layout()
+    obj = random_object(torch.Generator().manual_seed(3))
+    raised = distort_views(obj, layout, 32, "camera_elevation", 0.5, view_index=1)
+    turned = distort_views(obj, layout, 32, "camera_azimuth", 0.5, view_index=1)
+    radius = float(layout.cam2world[1, :3, 3].norm())
+    for views, elevation, azimuth in ((raised, 30.0, 90.0), (turned, 20.0, 105.0)):
+        expected = orbit_layout(1, 1, elevation, [azimuth], radius, 50.0)  # instant3d_layout's field of view
+        torch.testing.assert_close(views[1], render_object(obj, expected, 32)[0], atol=1e-5, rtol=0)
+    camera = moved_camera(layout.cam2world[1], elevation=10.0)
+    torch.testing.assert_close(camera[:3, 3].norm(), layout.cam2world[1, :3, 3].norm())
