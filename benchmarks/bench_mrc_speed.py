@@ -1,7 +1,8 @@
 """MRC reward time per sample against the number of views, the view resolution and the batch size, side by side.
 
-Each row times `MRCReward.__call__` on a batch of synthetic grids (default reconstructor: the built-in radiance
-field, held-out protocol), then the same samples one call each, and reports the batch's time per sample and the
+Each row times `MRCReward.__call__` on a batch of synthetic grids with one built-in reconstructor (by default both,
+the visual hull and the radiance field, timed one after the other on the same grids; held-out protocol), then the
+same samples one call each, and reports the batch's time per sample and the
 ratio (time of B single calls) / (time of one batch call): above 1, batching pays. Wall time and process CPU time
 are both reported (the minimum over --repeats); CPU time is the robust one on a machine shared with other jobs.
 With `--device cuda` the reward runs on the GPU (the grids are rendered on CPU, then moved there; every timed call
@@ -9,12 +10,15 @@ ends with the GPU's work done, since the reward returns CPU tensors) and the wal
 
     python benchmarks/bench_mrc_speed.py
     python benchmarks/bench_mrc_speed.py --views 4 --sizes 64 --batches 1 8 --protocol same_view
+    python benchmarks/bench_mrc_speed.py --reconstructors radiance_field \\
+        --reconstructor_kwargs '{"radiance_field": {"steps": 200}}'
     python benchmarks/bench_mrc_speed.py --device cuda --views 4 --sizes 64 256 --batches 1 8 32 --objects 4
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout, tile_views, zero123pp_layout
+from carve3d_trl.rewards import MRCReward, instant3d_layout, make_reconstructor, tile_views, zero123pp_layout
 from carve3d_trl.synthetic import random_object, render_object
 
 LAYOUTS = {4: instant3d_layout, 6: zero123pp_layout}
@@ -36,7 +40,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--metric", choices=["lpips", "mse", "psnr"], default="lpips")
     parser.add_argument("--lpips_pretrained", action="store_true", help="default: random trunk (same cost)")
-    parser.add_argument("--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
+    parser.add_argument(
+        "--reconstructors",
+        nargs="+",
+        choices=["visual_hull", "radiance_field"],
+        default=["visual_hull", "radiance_field"],
+    )
+    parser.add_argument(
+        "--reconstructor_kwargs",
+        type=json.loads,
+        default={},
+        help='JSON object of keyword arguments per reconstructor, e.g. \'{"radiance_field": {"steps": 200}}\'',
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the reward runs: cpu (default), cuda, cuda:1, ...")
@@ -82,30 +97,35 @@ def main() -> None:
         f"device {device} ({where}), threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}"
     )
     print(
-        "| views | view size | batch B | wall s/sample, one call | wall s/sample, B calls | CPU s/sample, one call "
-        "| B calls / one call (wall) | (CPU) |"
+        "| reconstructor | views | view size | batch B | wall s/sample, one call | wall s/sample, B calls "
+        "| CPU s/sample, one call | B calls / one call (wall) | (CPU) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for num_views in args.views:
         layout = LAYOUTS[num_views]()
-        reward = MRCReward(
-            layout,
-            RadianceFieldReconstructor(args.protocol, **args.reconstructor_kwargs),
-            metric=args.metric,
-            lpips_pretrained=args.lpips_pretrained,
-        )
+        rewards = {
+            name: MRCReward(
+                layout,
+                make_reconstructor(name, protocol=args.protocol, **args.reconstructor_kwargs.get(name, {})),
+                metric=args.metric,
+                lpips_pretrained=args.lpips_pretrained,
+            )
+            for name in args.reconstructors
+        }
         for size in args.sizes:
             generator = torch.Generator().manual_seed(0)
             objects = [random_object(generator) for _ in range(args.objects or max(args.batches))]
             grids = tile_views(torch.stack([render_object(obj, layout, size) for obj in objects]), layout)
             repeat = -(-max(args.batches) // len(objects))  # ceil: enough copies for the largest batch
             grids = grids.repeat(repeat, 1, 1, 1)[: max(args.batches)].to(device)
-            reward(grids[:1])  # warm-up
-            for batch in args.batches:
+            for reward in rewards.values():
+                reward(grids[:1])  # warm-up (the visual hull caches its ray geometry per layout and size)
+            for batch, (name, reward) in itertools.product(args.batches, rewards.items()):
                 images = grids[:batch]
                 batch_wall, batch_cpu = best_times(reward, [images], args.repeats)
                 single_wall, single_cpu = best_times(reward, list(images.split(1)), args.repeats)
                 row = dict(
+                    reconstructor=name,
                     views=num_views,
                     view_size=size,
                     batch=batch,
@@ -117,7 +137,7 @@ def main() -> None:
                 )
                 rows.append(row)
                 print(
-                    f"| {num_views} | {size} | {batch} | {row['wall_per_sample']:.2f} | "
+                    f"| {name} | {num_views} | {size} | {batch} | {row['wall_per_sample']:.2f} | "
                     f"{row['wall_per_sample_single_calls']:.2f} | {row['cpu_per_sample']:.2f} | "
                     f"{row['singles_over_batch_wall']:.2f} | {row['singles_over_batch_cpu']:.2f} |",
                     flush=True,
@@ -129,6 +149,7 @@ def main() -> None:
         device_name=where,
         objects=args.objects,
         protocol=args.protocol,
+        reconstructors=args.reconstructors,
         reconstructor_kwargs=args.reconstructor_kwargs,
         metric=args.metric,
         threads=torch.get_num_threads(),

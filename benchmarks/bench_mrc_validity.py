@@ -8,13 +8,16 @@ seed noise (std of MRC at level 0 across reconstructor seeds). Several metrics, 
 trunks, are scored on the same reconstructions (each set is reconstructed once). Writes a JSON file and a PNG plot
 per metric to --out.
 
-`--reconstructor oracle` replaces the radiance field by a perfect reconstruction (the renders of each set's true
-object), so the study measures the metric alone: the best rho any reconstructor can reach with it (MSE and LPIPS
-only: PSNR is infinite for identical views).
+`--reconstructor` picks the built-in reconstructor studied: `visual_hull` (the default, deterministic: every seed
+gives the same renders, so the seed noise is 0 and `first_worse`, the share of objects whose MRC is worse at the
+first level, is what separates that level from the consistent views), `radiance_field`, or `oracle`, a perfect
+reconstruction (the renders of each set's true object) with which the study measures the metric alone: the best rho
+any reconstructor can reach with it (MSE and LPIPS only: PSNR is infinite for identical views). `--object_seed`
+draws other objects (tune on one seed, report on others).
 
-    python benchmarks/bench_mrc_validity.py --metric psnr mse
+    python benchmarks/bench_mrc_validity.py --metric lpips psnr
     python benchmarks/bench_mrc_validity.py --metric lpips --lpips_random   # random AlexNet trunk (no weights)
-    python benchmarks/bench_mrc_validity.py --metric lpips                  # needs alexnet-owt-7be5be79.pth
+    python benchmarks/bench_mrc_validity.py --reconstructor radiance_field --metric lpips
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout  # noqa: E402
+from carve3d_trl.rewards import (  # noqa: E402
+    MRCReward,
+    RadianceFieldReconstructor,
+    VisualHullReconstructor,
+    instant3d_layout,
+)
 from carve3d_trl.synthetic import (  # noqa: E402
     CAMERA_DISTORTIONS,
     DISTORTIONS,
@@ -45,7 +53,7 @@ from carve3d_trl.synthetic import (  # noqa: E402
 class CachedReconstructor:
     """Reconstructs each distinct batch of views once, so several metrics score the same renders."""
 
-    def __init__(self, inner: RadianceFieldReconstructor):
+    def __init__(self, inner: RadianceFieldReconstructor | VisualHullReconstructor):
         self.inner = inner
         self.cache: dict[str, torch.Tensor] = {}
 
@@ -63,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--lpips_seeds", type=int, nargs="+", default=[0], help="torch seeds of the random LPIPS trunks, one run each"
     )
-    parser.add_argument("--reconstructor", choices=["radiance_field", "oracle"], default="radiance_field")
+    parser.add_argument("--reconstructor", choices=["visual_hull", "radiance_field", "oracle"], default="visual_hull")
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--objects", type=int, default=8)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -77,7 +85,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--view_size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--object_seed", type=int, default=0)
-    parser.add_argument("--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"steps\": 200}'")
+    parser.add_argument(
+        "--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"own_view_penalty\": 5}'"
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -121,12 +131,16 @@ def main() -> None:
     if args.reconstructor == "oracle":
         oracle = OracleReconstructor(consistent_views(layout, args.objects, args.view_size, args.object_seed))
         reconstructors = {seed: oracle for seed in args.seeds}
+    elif args.reconstructor == "visual_hull":
+        deterministic = CachedReconstructor(VisualHullReconstructor(args.protocol, **args.reconstructor_kwargs))
+        reconstructors = {seed: deterministic for seed in args.seeds}
     else:
         kwargs = dict(args.reconstructor_kwargs, protocol=args.protocol)
         reconstructors = {
             seed: CachedReconstructor(RadianceFieldReconstructor(seed=seed, **kwargs)) for seed in args.seeds
         }
     setting = "oracle" if args.reconstructor == "oracle" else args.protocol
+    prefix = "visual_hull_" if args.reconstructor == "visual_hull" else ""  # earlier files: the radiance field
     runs = []  # (metric, LPIPS trunk seed or None, name)
     for metric in args.metric:
         if metric == "lpips" and args.lpips_random:
@@ -148,12 +162,17 @@ def main() -> None:
             object_seed=args.object_seed,
         )
         seconds = time.perf_counter() - start
-        stem = f"mrc_validity_{metric_name}_{setting}{args.tag}"
-        title = f"MRC ({metric_name}, {setting}) vs strength, {args.objects} objects, {args.view_size}px views"
+        stem = f"mrc_validity_{prefix}{metric_name}_{setting}{args.tag}"
+        title = (
+            f"MRC ({args.reconstructor}, {metric_name}, {setting}) vs strength, {args.objects} objects, "
+            f"{args.view_size}px views"
+        )
         plot(result, title, args.out / f"{stem}.png")
         summary = {
             "metric": metric_name,
+            "reconstructor": args.reconstructor,
             "protocol": setting,
+            "distortions": args.distortions,
             "objects": args.objects,
             "object_seed": args.object_seed,
             "levels": result.levels,
@@ -163,6 +182,7 @@ def main() -> None:
             "spearman": result.spearman,
             "spearman_per_object": {kind: rhos.tolist() for kind, rhos in result.spearman_per_object.items()},
             "first_gap": result.first_gap,
+            "first_worse": result.first_worse,
             "seed_std": result.seed_std,
             "mrc": {kind: values.tolist() for kind, values in result.mrc.items()},
             "seconds": seconds,
@@ -172,13 +192,17 @@ def main() -> None:
 
         print(f"metric {metric_name}, protocol {setting}, {args.objects} objects, {seconds:.0f} s")
         print(f"seed noise (std of MRC at level 0 over seeds {args.seeds}): {result.seed_std:.4g}")
-        print("| distortion | Spearman rho | lowest object's rho | gap level 0 -> first level | gap / seed noise |")
-        print("|---|---|---|---|---|")
+        print(
+            "| distortion | Spearman rho | lowest object's rho | gap level 0 -> first level | gap / seed noise "
+            "| objects worse at the first level |"
+        )
+        print("|---|---|---|---|---|---|")
         for kind in result.mrc:
             ratio = result.first_gap[kind] / result.seed_std if result.seed_std > 0 else float("inf")
             lowest = float(result.spearman_per_object[kind].min())
             print(
-                f"| {kind} | {result.spearman[kind]:.3f} | {lowest:.2f} | {result.first_gap[kind]:.4g} | {ratio:.1f} |"
+                f"| {kind} | {result.spearman[kind]:.3f} | {lowest:.2f} | {result.first_gap[kind]:.4g} | {ratio:.1f} "
+                f"| {result.first_worse[kind]:.0%} |"
             )
         print(f"wrote {args.out / stem}.png and .json", flush=True)
 

@@ -32,6 +32,7 @@ _EXPORTS = {
         "OpenLRMReconstructor",
         "RadianceFieldReconstructor",
         "Reconstructor",
+        "VisualHullReconstructor",
         "make_reconstructor",
     ],
 }
@@ -63,5 +64,6 @@ if TYPE_CHECKING:
         OpenLRMReconstructor,
         RadianceFieldReconstructor,
         Reconstructor,
+        VisualHullReconstructor,
         make_reconstructor,
     )

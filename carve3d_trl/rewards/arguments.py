@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}  # grid layouts
 LAYOUT_CHOICES = ("auto", "model", *LAYOUTS)
 METRICS = ("auto", "lpips", "mse", "psnr")
-RECONSTRUCTORS = ("radiance_field", "openlrm", "instantmesh", "lgm")
+RECONSTRUCTORS = ("visual_hull", "radiance_field", "openlrm", "instantmesh", "lgm")
 
 
 @dataclass
@@ -33,8 +33,11 @@ class MRCArguments:
         },
     )
     mrc_reconstructor: str = field(
-        default="radiance_field",
-        metadata={"help": "radiance_field (built in), or openlrm, instantmesh, lgm (a user's clone)."},
+        default="visual_hull",
+        metadata={
+            "help": "visual_hull or radiance_field (built in, no download), or openlrm, instantmesh, lgm (a user's "
+            "clone)."
+        },
     )
     mrc_metric: str = field(
         default="auto",
@@ -45,7 +48,7 @@ class MRCArguments:
     )
     mrc_reconstructor_kwargs: str = field(
         default="",
-        metadata={"help": "JSON object of reconstructor constructor arguments, e.g. '{\"steps\": 200}'."},
+        metadata={"help": 'JSON object of reconstructor constructor arguments, e.g. \'{"protocol": "same_view"}\'.'},
     )
 
 

@@ -34,7 +34,8 @@ class MRCReward:
             `instant3d_layout()`. For a view-batched model, the layout of the cameras it was given
             (`multiview_cameras(...).layout`).
         reconstructor (`Reconstructor` or `str`): An object with `reconstruct(views, layout)`, or a name for
-            `make_reconstructor`: `"radiance_field"` (default), `"openlrm"`, `"instantmesh"`.
+            `make_reconstructor`: `"visual_hull"` (default; deterministic, no download), `"radiance_field"`,
+            `"openlrm"`, `"instantmesh"`, `"lgm"`.
         metric (`str`): `"lpips"`, `"mse"` or `"psnr"`.
         lpips_pretrained (`bool`): Load the ImageNet AlexNet trunk of LPIPS (default). It is read from
             `$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth` and never downloaded; a missing file raises
@@ -47,7 +48,7 @@ class MRCReward:
     def __init__(
         self,
         layout: CameraLayout | None = None,
-        reconstructor: Reconstructor | str = "radiance_field",
+        reconstructor: Reconstructor | str = "visual_hull",
         *,
         metric: str = "lpips",
         lpips_pretrained: bool = True,
@@ -62,7 +63,7 @@ class MRCReward:
             kwargs = dict(reconstructor_kwargs or {})
             if reconstructor == "radiance_field":
                 kwargs.setdefault("seed", seed)
-            elif self.device is not None:
+            elif reconstructor != "visual_hull" and self.device is not None:  # the built-in ones follow the views
                 kwargs.setdefault("device", self.device)
             reconstructor = make_reconstructor(reconstructor, **kwargs)
         elif reconstructor_kwargs:

@@ -51,6 +51,8 @@ class ValidityResult:
         seed_std: Mean over objects of the std of MRC at level 0 across reconstructor seeds.
         first_gap: `{distortion: mean over objects of how much worse MRC is at the first level > 0 than at level 0}`,
             in MRC's units and signed: positive when MRC worsens, negative when it improves.
+        first_worse: `{distortion: share of objects whose MRC is worse at the first level > 0 than at level 0}`
+            (what separates the first level from the consistent views when the reconstructor has no seed noise).
         higher_is_better: Whether larger MRC values mean more consistent views (PSNR).
     """
 
@@ -60,6 +62,7 @@ class ValidityResult:
     spearman_per_object: dict[str, torch.Tensor] = field(default_factory=dict)
     seed_std: float = float("nan")
     first_gap: dict[str, float] = field(default_factory=dict)
+    first_worse: dict[str, float] = field(default_factory=dict)
     higher_is_better: bool = False
 
 
@@ -115,6 +118,7 @@ def run_validity_study(
         result.spearman_per_object[kind] = rhos
         result.spearman[kind] = float(rhos.mean())
         result.first_gap[kind] = float((sign * (mrc[:, 0] - mrc[:, 1])).mean())
+        result.first_worse[kind] = float((sign * (mrc[:, 0] - mrc[:, 1]) > 0).double().mean())
     result.seed_std = float(torch.stack([i["mrc"] for i in base_info]).std(dim=0).mean()) if len(seeds) > 1 else 0.0
     return result
 

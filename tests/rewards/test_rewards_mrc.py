@@ -83,10 +83,12 @@ def test_wrong_grid_size_is_a_clear_error():
 
 
 def test_reconstructors_by_name():
-    assert isinstance(make_reconstructor(), RadianceFieldReconstructor)
-    reward = MRCReward(metric="mse", seed=7, reconstructor_kwargs={"steps": 3})
+    assert isinstance(make_reconstructor("radiance_field"), RadianceFieldReconstructor)
+    reward = MRCReward(reconstructor="radiance_field", metric="mse", seed=7, reconstructor_kwargs={"steps": 3})
     assert reward.reconstructor.seed == 7 and reward.reconstructor.steps == 3
-    with pytest.raises(ValueError, match="radiance_field, openlrm, instantmesh"):
+    hull = MRCReward(metric="mse", device="cpu", reconstructor_kwargs={"protocol": "same_view"}).reconstructor
+    assert hull.protocol == "same_view"  # the default, built without the seed and device it does not take
+    with pytest.raises(ValueError, match="visual_hull, radiance_field, openlrm, instantmesh"):
         make_reconstructor("nerfstudio")
     with pytest.raises(ValueError, match="by name"):
         MRCReward(reconstructor=EchoReconstructor(), metric="mse", reconstructor_kwargs={"steps": 3})

@@ -4,8 +4,15 @@ import math
 
 import pytest
 
-from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, instant3d_layout
-from carve3d_trl.synthetic import DISTORTIONS, OracleReconstructor, consistent_views, run_validity_study, spearman
+from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, VisualHullReconstructor, instant3d_layout
+from carve3d_trl.synthetic import (
+    CAMERA_DISTORTIONS,
+    DISTORTIONS,
+    OracleReconstructor,
+    consistent_views,
+    run_validity_study,
+    spearman,
+)
 
 
 def test_spearman():
@@ -29,6 +36,23 @@ def test_mrc_worsens_with_the_strength_of_every_distortion():
         assert result.mrc[kind].shape == (2, 3)
         assert result.spearman[kind] >= 0.95, (kind, result.mrc[kind])
         assert result.first_gap[kind] > 3 * result.seed_std, kind
+
+
+def test_the_default_visual_hull_mrc_worsens_with_every_distortion_camera_errors_included():
+    layout = instant3d_layout()
+    result = run_validity_study(
+        lambda seed: MRCReward(layout, VisualHullReconstructor(), metric="mse"),
+        layout,
+        num_objects=2,
+        levels=(0.0, 0.5, 1.0),
+        distortions=DISTORTIONS + CAMERA_DISTORTIONS,
+        view_size=64,
+        seeds=(0, 1),
+    )
+    assert result.seed_std == 0  # deterministic: no seed noise, every object must be worse at the first level
+    for kind in DISTORTIONS + CAMERA_DISTORTIONS:
+        assert result.spearman[kind] >= 0.95, (kind, result.mrc[kind])
+        assert result.first_worse[kind] == 1.0, (kind, result.mrc[kind])
 
 
 def test_the_oracle_scores_consistent_views_as_perfect():

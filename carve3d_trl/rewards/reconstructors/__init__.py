@@ -1,4 +1,5 @@
-"""Reconstructors for MRC: the built-in radiance field and adapters for OpenLRM, InstantMesh and LGM."""
+"""Reconstructors for MRC: the built-in visual hull (default) and radiance field, and adapters for OpenLRM,
+InstantMesh and LGM."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from .instantmesh import InstantMeshReconstructor
 from .lgm import LGMReconstructor
 from .openlrm import OpenLRMReconstructor
 from .radiance_field import RadianceFieldReconstructor
+from .visual_hull import VisualHullReconstructor
 
 __all__ = [
     "InstantMeshReconstructor",
@@ -16,10 +18,12 @@ __all__ = [
     "OpenLRMReconstructor",
     "RadianceFieldReconstructor",
     "Reconstructor",
+    "VisualHullReconstructor",
     "make_reconstructor",
 ]
 
 RECONSTRUCTORS = {
+    "visual_hull": VisualHullReconstructor,
     "radiance_field": RadianceFieldReconstructor,
     "openlrm": OpenLRMReconstructor,
     "instantmesh": InstantMeshReconstructor,
@@ -27,11 +31,12 @@ RECONSTRUCTORS = {
 }
 
 
-def make_reconstructor(name: str = "radiance_field", **kwargs: Any) -> Reconstructor:
-    """Build a reconstructor by name: `"radiance_field"` (default), `"openlrm"`, `"instantmesh"` or `"lgm"`.
+def make_reconstructor(name: str = "visual_hull", **kwargs: Any) -> Reconstructor:
+    """Build a reconstructor by name: `"visual_hull"` (default), `"radiance_field"`, `"openlrm"`, `"instantmesh"` or
+    `"lgm"`.
 
-    `kwargs` go to the class's constructor (`RadianceFieldReconstructor`, `OpenLRMReconstructor`,
-    `InstantMeshReconstructor`, `LGMReconstructor`).
+    `kwargs` go to the class's constructor (`VisualHullReconstructor`, `RadianceFieldReconstructor`,
+    `OpenLRMReconstructor`, `InstantMeshReconstructor`, `LGMReconstructor`).
     """
     if name not in RECONSTRUCTORS:
         raise ValueError(f"Unknown reconstructor {name!r}; valid names: {', '.join(RECONSTRUCTORS)}.")

@@ -1,0 +1,225 @@
+"""The default reconstructor: the visual hull of the views' silhouettes, painted with the views' colours."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..cameras import CameraLayout
+from ..crop import foreground_mask
+from ..rays import camera_rays, intersect_box, project_points
+
+__all__ = ["VisualHullReconstructor"]
+
+_PROTOCOL_OWN_VIEW_PENALTY = {"held_out": 3.0, "same_view": 0.0}
+
+
+class VisualHullReconstructor:
+    """Carves the visual hull of the views (the points whose projection lies inside every view's silhouette) and
+    renders it at the layout's cameras, painting each visible surface point with the colours the views show there.
+
+    No optimisation and no randomness: the reconstruction is exact geometry (a ray march to the first hull point,
+    refined by bisection) and image-based colour. A point's colour is a weighted mean of the views' colours at its
+    projections; a view's weight falls with how far the point lies behind that view's own first hull surface (it is
+    occluded there), and with `"held_out"` the rendered view itself is penalised, so its render shows what the *other*
+    views see wherever they see it and its own colours only where no other view does. Inconsistency therefore shows
+    up twice: a silhouette that disagrees with the others carves the hull (every render loses or gains area), and
+    colours that disagree with the other views' are replaced by theirs. Foreground colours are bled a few pixels past
+    the silhouettes before sampling, so points projecting onto an anti-aliased edge do not pick up the background.
+
+    Silhouettes follow MRC's crop rule (`foreground_mask`). Renders are made at the views' size (at most
+    `render_size`): no blur to mistake for inconsistency. A batch shares the ray geometry, so it costs less than its
+    samples one by one; each sample's renders do not depend on the rest of the batch. See `benchmarks/RESULTS.md`
+    ("MRC reward") for the validity study that chose the defaults.
+
+    Args:
+        protocol (`str`): `"held_out"` (default): a render's colours come from the other views where they see the
+            point (`own_view_penalty` 3). `"same_view"` (the paper's protocol): every view that sees the point weighs
+            the same, the rendered one included (penalty 0).
+        render_size (`int`): Longest side of the renders; larger views are downsampled (antialiased) first.
+        samples_per_ray (`int`): Samples of the ray march through the cube `[-bound, bound]^3`.
+        refine_steps (`int`): Bisection steps locating each ray's first hull point between two samples.
+        occlusion_slack (`float`): Distance, in world units, a point may lie behind a view's first hull surface and
+            still count as seen by that view.
+        occlusion_softness (`float`): World units per unit of log-weight beyond the slack: a view's weight is
+            `exp(-max(0, behind - slack) / softness)`, normalised over the views.
+        own_view_penalty (`float`, *optional*): Log-weight subtracted from the rendered view's own colour.
+            Default: the protocol's.
+        colour_bleed (`int`): Pixels the foreground colours are extended past the eroded silhouettes.
+        bound (`float`): Half side of the reconstructed cube, centred on the world origin.
+    """
+
+    def __init__(
+        self,
+        protocol: str = "held_out",
+        *,
+        render_size: int = 128,
+        samples_per_ray: int = 96,
+        refine_steps: int = 5,
+        occlusion_slack: float = 0.03,
+        occlusion_softness: float = 0.02,
+        own_view_penalty: float | None = None,
+        colour_bleed: int = 4,
+        bound: float = 1.0,
+    ):
+        if protocol not in _PROTOCOL_OWN_VIEW_PENALTY:
+            raise ValueError(f"Unknown protocol {protocol!r}; valid protocols: 'held_out', 'same_view'.")
+        for name, value in (("render_size", render_size), ("samples_per_ray", samples_per_ray)):
+            if value < 2:
+                raise ValueError(f"{name} must be at least 2, got {value}.")
+        for name, value in (("refine_steps", refine_steps), ("colour_bleed", colour_bleed)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
+        if occlusion_softness <= 0 or occlusion_slack < 0 or bound <= 0:
+            raise ValueError(
+                "occlusion_softness and bound must be > 0 and occlusion_slack >= 0, got "
+                f"{occlusion_softness}, {bound} and {occlusion_slack}."
+            )
+        self.protocol = protocol
+        self.render_size = render_size
+        self.samples_per_ray = samples_per_ray
+        self.refine_steps = refine_steps
+        self.occlusion_slack = occlusion_slack
+        self.occlusion_softness = occlusion_softness
+        self.own_view_penalty = (
+            _PROTOCOL_OWN_VIEW_PENALTY[protocol] if own_view_penalty is None else float(own_view_penalty)
+        )
+        self.colour_bleed = colour_bleed
+        self.bound = bound
+        self._geometry_key: tuple | None = None
+        self._geometry: _RayGeometry | None = None
+
+    @torch.no_grad()
+    def reconstruct(self, views: torch.Tensor, layout: CameraLayout) -> torch.Tensor:
+        """Carve the hull of each sample's views and render it at the layout's cameras.
+
+        Args:
+            views (`torch.Tensor` of shape `(B, V, 3, h, w)`): Views in [0, 1], on any device.
+            layout (`CameraLayout`): Their cameras.
+
+        Returns:
+            `torch.Tensor` of shape `(B, V, 3, h', w')` in [0, 1], `max(h', w') = min(max(h, w), render_size)`.
+        """
+        batch, num_views, _, height, width = views.shape
+        if num_views != layout.num_views:
+            raise ValueError(f"Got {num_views} views for a layout of {layout.num_views} cameras.")
+        size = _scaled_size(height, width, self.render_size)
+        if size != (height, width):
+            views = F.interpolate(views.flatten(0, 1), size=size, mode="bilinear", antialias=True)
+            views = views.view(batch, num_views, 3, *size).clamp(0, 1)
+        geometry = self._ray_geometry(layout, size, views.device)
+        masks = foreground_mask(views, layout.background)  # (B, V, h, w)
+        colours = _bleed(views, masks, self.colour_bleed)
+        background = torch.tensor(layout.background, device=views.device, dtype=views.dtype)
+        return torch.stack([self._render(geometry, masks[b], colours[b], background) for b in range(batch)]).clamp(
+            0, 1
+        )
+
+    def _ray_geometry(self, layout: CameraLayout, size: tuple[int, int], device: torch.device) -> _RayGeometry:
+        """The sample points of every camera's rays and their pixels in every view, cached for the last layout."""
+        key = (layout.cam2world.tolist(), layout.intrinsics.tolist(), size, str(device))
+        if key != self._geometry_key:
+            self._geometry = _RayGeometry(layout, size, self.samples_per_ray, self.bound, device)
+            self._geometry_key = key
+        return self._geometry
+
+    def _render(self, geometry: _RayGeometry, masks, colours, background) -> torch.Tensor:
+        """Renders `(V, 3, h, w)` of one sample from its silhouettes `(V, h, w)` and bled colours `(V, 3, h, w)`."""
+        num_views, height, width = masks.shape
+        padded = torch.cat([masks.flatten(), masks.new_zeros(1)])  # index V*h*w: outside every view
+
+        def in_hull(pixel_index: torch.Tensor) -> torch.Tensor:
+            return padded[pixel_index].all(dim=-1)
+
+        inside = in_hull(geometry.sample_pixels) & geometry.hit[..., None]  # (V, N, S)
+        hit = inside.any(dim=-1)  # (V, N)
+        first = inside.to(torch.uint8).argmax(dim=-1, keepdim=True)
+        t_in = geometry.t.gather(-1, first)[..., 0]
+        t_out = torch.maximum(t_in - geometry.step, geometry.near)
+        for _ in range(self.refine_steps):  # t_in stays inside the hull, t_out before it
+            middle = 0.5 * (t_in + t_out)
+            points = geometry.origins + geometry.directions * middle[..., None]
+            now_inside = in_hull(geometry.pixel_index(points))
+            t_in = torch.where(now_inside, middle, t_in)
+            t_out = torch.where(now_inside, t_out, middle)
+        depth = torch.where(hit, t_in, torch.full_like(t_in, float("inf")))  # (V, N): distance to the first hull point
+
+        renders = background.view(1, 3, 1).repeat(num_views, 1, height * width)
+        view_index = torch.arange(num_views, device=masks.device)
+        for v in range(num_views):
+            rays = hit[v].nonzero()[:, 0]
+            points = geometry.origins[v, rays] + geometry.directions[v, rays] * t_in[v, rays, None]  # (K, 3)
+            uv, in_front = project_points(points[:, None], geometry.cam2world, geometry.intrinsics)  # (K, V, 2)
+            pixel = geometry.pixel_index(points)  # (K, V)
+            visible = (in_front > 0) & (pixel < num_views * height * width)
+            surface = depth.flatten()[pixel.clamp_max(num_views * height * width - 1)]
+            distance = (points[:, None] - geometry.cam2world[:, :3, 3]).norm(dim=-1)
+            behind = (distance - surface - self.occlusion_slack).clamp_min(0)
+            logits = -behind / self.occlusion_softness - self.own_view_penalty * (view_index == v)
+            weights = torch.where(visible, logits, torch.full_like(logits, -torch.inf)).softmax(dim=-1)
+            grid = (uv * 2 - 1).transpose(0, 1)[:, None]  # (V, 1, K, 2)
+            sampled = F.grid_sample(colours, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            renders[v][:, rays] = (sampled[:, :, 0] * weights.t()[:, None]).sum(dim=0)
+        return renders.view(num_views, 3, height, width)
+
+
+class _RayGeometry:
+    """Rays through every pixel of every camera, sampled through the cube, with each sample's pixel in every view.
+
+    Attributes:
+        origins, directions: `(V, N, 3)`, N = h * w pixels row-major.
+        near, step: `(V, N)`, entry distance into the cube and distance between samples.
+        hit: `(V, N)` bool, whether the ray crosses the cube.
+        t: `(V, N, S)` sample distances.
+        sample_pixels: `(V, N, S, V)` flat pixel index of each sample in each view (`V * h * w` when outside it).
+    """
+
+    def __init__(self, layout: CameraLayout, size: tuple[int, int], samples: int, bound: float, device):
+        self.cam2world = layout.cam2world.to(device)
+        self.intrinsics = layout.intrinsics.to(device)
+        self.size = size
+        self.origins, self.directions = camera_rays(self.cam2world, self.intrinsics, *size)
+        self.near, far, self.hit = intersect_box(self.origins, self.directions, bound)
+        self.step = (far - self.near).clamp_min(0) / samples
+        offsets = torch.arange(samples, device=device) + 0.5
+        self.t = self.near[..., None] + self.step[..., None] * offsets
+        samples_xyz = self.origins[:, :, None] + self.directions[:, :, None] * self.t[..., None]  # (V, N, S, 3)
+        self.sample_pixels = self.pixel_index(samples_xyz).int()  # int32: the largest tensor here
+
+    def pixel_index(self, points: torch.Tensor) -> torch.Tensor:
+        """Flat pixel index `(..., V)` of world points `(..., 3)` in every view; `V * h * w` where a point falls
+        outside a view or behind its camera."""
+        height, width = self.size
+        num_views = self.cam2world.shape[0]
+        uv, depth = project_points(points[..., None, :], self.cam2world, self.intrinsics)
+        col = (uv[..., 0] * width).floor().long()
+        row = (uv[..., 1] * height).floor().long()
+        inside = (depth > 0) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
+        view = torch.arange(num_views, device=points.device)
+        index = (view * height + row.clamp(0, height - 1)) * width + col.clamp(0, width - 1)
+        return torch.where(inside, index, torch.full_like(index, num_views * height * width))
+
+
+def _bleed(views: torch.Tensor, masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Views `(B, V, 3, h, w)` whose foreground colours, taken inside the silhouettes `(B, V, h, w)` eroded by one
+    pixel (the anti-aliased edge mixes in the background), are extended `pixels` pixels outwards."""
+    if pixels == 0:
+        return views
+    shape = views.shape
+    images = views.flatten(0, 1)
+    known = (-F.max_pool2d(-masks.flatten(0, 1)[:, None].float(), 3, stride=1, padding=1)) > 0.5
+    colour = torch.where(known, images, torch.zeros_like(images))
+    known = known.float()
+    for _ in range(pixels):
+        total = F.avg_pool2d(colour, 3, stride=1, padding=1, count_include_pad=False)
+        count = F.avg_pool2d(known, 3, stride=1, padding=1, count_include_pad=False)
+        fill = (count > 0) & (known == 0)
+        colour = torch.where(fill, total / count.clamp_min(1e-6), colour)
+        known = torch.where(fill, torch.ones_like(known), known)
+    return torch.where(known > 0, colour, images).view(shape)
+
+
+def _scaled_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """`(height, width)` scaled so the longest side is `min(longest, max(height, width))`."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))

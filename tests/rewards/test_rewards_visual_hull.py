@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from carve3d_trl.rewards import (
+    MRCReward,
+    VisualHullReconstructor,
+    foreground_mask,
+    instant3d_layout,
+    make_reconstructor,
+)
+from carve3d_trl.synthetic import Primitive, SyntheticObject, distort_views, random_object, render_object
+
+RED, BLUE = (0.8, 0.15, 0.1), (0.1, 0.2, 0.85)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a & b).sum(dim=(-2, -1)).float() / (a | b).sum(dim=(-2, -1)).float()
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return instant3d_layout()
+
+
+@pytest.fixture(scope="module")
+def objects():
+    generator = torch.Generator().manual_seed(0)
+    return [random_object(generator) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def red_sphere(layout):
+    sphere = SyntheticObject((Primitive("sphere", (0.0, 0.0, 0.0), (0.5,), color=RED),))
+    return render_object(sphere, layout, 32)
+
+
+def test_renders_of_consistent_views_have_their_silhouettes(layout, objects):
+    views = torch.stack([render_object(obj, layout, 32) for obj in objects])
+    for protocol in ("held_out", "same_view"):
+        renders = VisualHullReconstructor(protocol).reconstruct(views, layout)
+        assert renders.shape == views.shape and renders.min() >= 0 and renders.max() <= 1
+        assert _iou(foreground_mask(renders), foreground_mask(views)).min() > 0.95, protocol
+
+
+def test_a_solid_object_is_painted_in_its_own_colours(layout, red_sphere):
+    renders = VisualHullReconstructor().reconstruct(red_sphere[None], layout)[0]
+    both = foreground_mask(renders) & foreground_mask(red_sphere)
+    error = (renders - red_sphere).abs().amax(dim=1)[both]  # shading is fixed in the world: every view agrees
+    assert error.median() < 0.03 and error.quantile(0.9) < 0.1
+
+
+def test_held_out_paints_a_view_with_the_colours_the_other_views_show(layout, red_sphere):
+    # View 0 turns blue. Where the other views see the sphere (its sides: 90 degrees apart they do not see the part
+    # facing view 0), held_out renders view 0 red, what they show; same_view averages every view that sees the
+    # point, the blue one included, so less of it turns red.
+    views = red_sphere.clone()
+    blue = views[0].clone()
+    sphere = foreground_mask(blue)
+    blue[:, sphere] = torch.tensor(BLUE)[:, None] * views[0][:, sphere].amax(dim=0, keepdim=True)
+    views[0] = blue
+    held_out = VisualHullReconstructor("held_out").reconstruct(views[None], layout)[0, 0]
+    same_view = VisualHullReconstructor("same_view").reconstruct(views[None], layout)[0, 0]
+
+    def redness(image):  # red minus blue over the sphere, >0 red
+        return (image[0] - image[2])[sphere]
+
+    assert (redness(blue) < 0).all()
+    assert (redness(held_out) > 0).float().mean() > 0.2
+    assert (redness(held_out) > 0).float().mean() > 1.5 * (redness(same_view) > 0).float().mean()
+    assert (redness(same_view) > 0).any()  # the other views count with same_view too
+
+
+def test_a_silhouette_that_disagrees_with_the_others_carves_their_renders(layout, red_sphere):
+    reconstructor = VisualHullReconstructor()
+    moved = red_sphere.clone()
+    moved[0] = torch.roll(red_sphere[0], shifts=6, dims=-1)  # view 0 shows the sphere 6 px to the side
+    before = foreground_mask(reconstructor.reconstruct(red_sphere[None], layout)[0])
+    after = foreground_mask(reconstructor.reconstruct(moved[None], layout)[0])
+    assert after[2].sum() < 0.9 * before[2].sum()  # the opposite view sees the same horizontal axis
+    assert (after.sum(dim=(-2, -1)) <= before.sum(dim=(-2, -1))).all()  # carving only removes
+
+
+def test_batch_equals_samples_one_by_one_and_is_deterministic(layout, objects):
+    views = torch.stack([render_object(obj, layout, 32) for obj in objects])
+    reconstructor = VisualHullReconstructor()
+    batched = reconstructor.reconstruct(views, layout)
+    singles = torch.cat([reconstructor.reconstruct(views[i : i + 1], layout) for i in range(2)])
+    torch.testing.assert_close(batched, singles, atol=1e-6, rtol=0)
+    torch.testing.assert_close(VisualHullReconstructor().reconstruct(views, layout), batched, atol=0, rtol=0)
+
+
+def test_views_larger_than_the_render_size_are_downsampled(layout, objects):
+    views = render_object(objects[0], layout, 48)[None]
+    renders = VisualHullReconstructor(render_size=24).reconstruct(views, layout)
+    assert renders.shape == (1, 4, 3, 24, 24)
+    small = torch.nn.functional.interpolate(views[0], size=24, mode="bilinear", antialias=True)
+    assert _iou(foreground_mask(renders[0]), foreground_mask(small)).min() > 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(protocol="both"), "protocol"),
+        (dict(render_size=1), "render_size"),
+        (dict(refine_steps=-1), "refine_steps"),
+        (dict(occlusion_softness=0.0), "occlusion_softness"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_field_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VisualHullReconstructor(**kwargs)
+
+
+def test_a_view_count_other_than_the_layouts_is_refused(layout):
+    with pytest.raises(ValueError, match="3 views for a layout of 4"):
+        VisualHullReconstructor().reconstruct(torch.ones(1, 3, 3, 8, 8), layout)
+
+
+def test_mrc_builds_the_visual_hull_by_default_and_follows_a_rotation(layout, objects):
+    reward = MRCReward(layout, metric="mse")
+    assert isinstance(reward.reconstructor, VisualHullReconstructor)
+    assert isinstance(make_reconstructor(), VisualHullReconstructor)
+    sets = torch.stack([distort_views(objects[0], layout, 32, "rotate", level) for level in (0.0, 0.5, 1.0)])
+    rewards, info = reward.score_views(sets)
+    assert rewards[0] > rewards[1] > rewards[2], info["mrc"]
