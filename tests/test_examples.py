@@ -28,7 +28,7 @@ evaluate_mrc = load_script(ROOT / "examples" / "evaluate_mrc.py")
 curate_prompts = load_script(ROOT / "examples" / "curate_prompts.py")
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a wooden chair"]
-RECONSTRUCTOR = json.dumps({"steps": 3, "fit_size": 16, "plane_resolution": 8, "samples_per_ray": 8})
+RECONSTRUCTOR = json.dumps({"samples_per_ray": 16, "refine_steps": 2})  # the default visual hull, cheaper
 TINY_RUN = ["--num_inference_steps", "2", "--mrc_metric", "mse", "--mrc_reconstructor_kwargs", RECONSTRUCTOR]
 
 

@@ -180,9 +180,7 @@ def test_the_trainer_calls_the_hook_with_mrc_renders_and_its_tensorboard_tracker
         project_kwargs={"project_dir": str(tmp_path / "logs")},
         tracker_project_name="carve3d",
     )
-    reward = MRCReward(
-        metric="mse", reconstructor_kwargs={"steps": 3, "fit_size": 16, "plane_resolution": 8, "samples_per_ray": 8}
-    )
+    reward = MRCReward(metric="mse", reconstructor_kwargs={"samples_per_ray": 16, "refine_steps": 2})
     hook = ImageSamplesLogger(num_samples=2, save_dir=tmp_path / "samples")
     trainer = Carve3DTrainer(
         config, reward, lambda: ("a red cube", {}), Carve3DStableDiffusionPipeline(str(tiny_model_path)), hook

@@ -260,7 +260,7 @@ def test_mrc_scores_the_views_at_the_models_cameras_and_a_grid_layout_is_refused
 # ---------------------------------------------------------------------------------------------- the example scripts
 
 ROOT = Path(__file__).resolve().parents[1]
-CHEAP_MRC = ["--mrc_metric", "mse", "--mrc_reconstructor_kwargs", '{"fit_size": 8, "steps": 3, "samples_per_ray": 8}']
+CHEAP_MRC = ["--mrc_metric", "mse", "--mrc_reconstructor_kwargs", '{"samples_per_ray": 16, "refine_steps": 2}']
 
 
 @pytest.fixture(scope="module")
