@@ -1,4 +1,4 @@
-"""The built-in reconstructor: radiance fields (voxel grids) fitted to the views by differentiable volume rendering."""
+"""A built-in reconstructor: radiance fields (voxel grids) fitted to the views by differentiable volume rendering."""
 
 from __future__ import annotations
 
