@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["camera_rays", "intersect_box", "project_points"]
+__all__ = ["camera_rays", "intersect_box", "project_points", "scaled_size"]
 
 
 def camera_rays(
@@ -72,3 +72,9 @@ def intersect_box(
     near = torch.minimum(t0, t1).amax(dim=-1).clamp_min(0.0)
     far = torch.maximum(t0, t1).amin(dim=-1)
     return near, far, far > near
+
+
+def scaled_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """`(height, width)` scaled so the longest side is `min(longest, max(height, width))` (never enlarged)."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..cameras import CameraLayout
 from ..crop import foreground_mask
-from ..rays import camera_rays, intersect_box, project_points
+from ..rays import camera_rays, intersect_box, project_points, scaled_size
 
 __all__ = ["RadianceFieldReconstructor", "flush_denormal"]
 
@@ -190,7 +190,7 @@ class RadianceFieldReconstructor:
         cameras = (layout.cam2world.to(views.device), layout.intrinsics.to(views.device))
         background = torch.tensor(layout.background, device=views.device)
         masks = F.max_pool2d(foreground_mask(views, layout.background).float(), 3, stride=1, padding=1) > 0
-        fit_hw = _scaled_size(height, width, self.fit_size)
+        fit_hw = scaled_size(height, width, self.fit_size)
         targets = F.interpolate(views.flatten(0, 1), size=fit_hw, mode="bilinear", antialias=True)
         targets = targets.view(batch, num_views, 3, *fit_hw)
         fit_candidates = F.adaptive_max_pool2d(masks.float(), fit_hw) > 0
@@ -297,7 +297,7 @@ class RadianceFieldReconstructor:
     def _render(self, fields: _Fields, masks, uses, render_field, cameras, background, view_hw) -> torch.Tensor:
         batch, num_views = render_field.shape
         device = fields.init.device
-        out_h, out_w = _scaled_size(*view_hw, self.render_size or self.fit_size)
+        out_h, out_w = scaled_size(*view_hw, self.render_size or self.fit_size)
         renders = torch.full((batch, num_views, 3, out_h, out_w), float("nan"), device=device)
         all_rays = torch.ones(1, num_views, out_h * out_w, dtype=torch.bool, device=device)
         cells = self._cells()
@@ -444,9 +444,3 @@ def _lattice_cell(unit: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
     coords = (unit * (resolution - 1)).clamp(0, resolution - 1 - 1e-4)
     base = coords.floor()
     return base.long(), coords - base
-
-
-def _scaled_size(height: int, width: int, longest: int) -> tuple[int, int]:
-    """`(height, width)` scaled so the longest side is `min(longest, max(height, width))`."""
-    scale = min(1.0, longest / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))

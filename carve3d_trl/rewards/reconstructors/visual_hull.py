@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..cameras import CameraLayout
 from ..crop import foreground_mask
-from ..rays import camera_rays, intersect_box, project_points
+from ..rays import camera_rays, intersect_box, project_points, scaled_size
 
 __all__ = ["VisualHullReconstructor"]
 
@@ -103,7 +103,7 @@ class VisualHullReconstructor:
         batch, num_views, _, height, width = views.shape
         if num_views != layout.num_views:
             raise ValueError(f"Got {num_views} views for a layout of {layout.num_views} cameras.")
-        size = _scaled_size(height, width, self.render_size)
+        size = scaled_size(height, width, self.render_size)
         if size != (height, width):
             views = F.interpolate(views.flatten(0, 1), size=size, mode="bilinear", antialias=True)
             views = views.view(batch, num_views, 3, *size).clamp(0, 1)
@@ -217,9 +217,3 @@ def _bleed(views: torch.Tensor, masks: torch.Tensor, pixels: int) -> torch.Tenso
         colour = torch.where(fill, total / count.clamp_min(1e-6), colour)
         known = torch.where(fill, torch.ones_like(known), known)
     return torch.where(known > 0, colour, images).view(shape)
-
-
-def _scaled_size(height: int, width: int, longest: int) -> tuple[int, int]:
-    """`(height, width)` scaled so the longest side is `min(longest, max(height, width))`."""
-    scale = min(1.0, longest / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
