@@ -35,8 +35,10 @@ bench: setup
 replicate: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_replication.py
 
+# The single-view toy and the grid toy fine-tuned from it, then the view-batched toy fine-tuned from the single-view one.
 toy-model: setup
 	OMP_NUM_THREADS=1 $(PY) scripts/train_toy_model.py
+	OMP_NUM_THREADS=1 $(PY) scripts/train_toy_view_batched.py
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -14,8 +14,9 @@ KL still logged). Then five sources are evaluated on `--val_prompts` other capti
 (prompt, seed) starting from the same noise: the renders of the scenes themselves (data), the short-SFT base, both RL
 models and the long-SFT checkpoint. Per sample: MRC, and the KL to the base model (mean over the DDIM steps of log
 p_model - log p_base of the model's own transitions, the trainer's estimator; for the long-SFT model, its own text
-encoder and UNet against the base's). Per prompt: diversity. Writes a JSON of every value and PNG figures; prints a
-markdown table.
+encoder and UNet against the base's); prompt adherence (`carve3d_trl.toy.adherence`: the share of views showing
+exactly the caption's colours, and its shapes) and whether a view's silhouette touches its border. Per prompt:
+diversity. Writes a JSON of every value and PNG figures; prints a markdown table.
 
 MRC uses `--metric psnr` by default (dB, higher is more consistent), as the recorded runs did; `lpips` needs the
 pretrained trunk on disk (`scripts/fetch_lpips_trunk.py`). Every process uses one torch thread.
@@ -111,15 +112,16 @@ def diversity(images: torch.Tensor) -> float:
 
 
 def data_samples(scenes: list, seeds: list[int], family: str = "grid") -> torch.Tensor:
-    """Renders of each validation scene at seed-dependent yaw and sizes: the data distribution of its caption."""
+    """Renders of each validation scene at a yaw and sizes drawn from the sample's seed (`1000 * scene index + seed`,
+    as the models' noise): the data distribution of its caption."""
     from dataclasses import replace
 
     from carve3d_trl.toy import render_scene_views, render_scenes
 
     varied = []
-    for scene in scenes:
+    for index, scene in enumerate(scenes):
         for seed in seeds:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(1000 * index + seed)
             yaw, top, bottom = (float(x) for x in torch.rand(3, generator=generator))
             varied.append(
                 replace(
@@ -132,20 +134,28 @@ def data_samples(scenes: list, seeds: list[int], family: str = "grid") -> torch.
     return render_scenes(varied) if family == "grid" else render_scene_views(varied)
 
 
-def evaluate(images: torch.Tensor, kl: torch.Tensor, rewards: dict, num_prompts: int, num_seeds: int) -> dict:
-    """Per sample `(prompt, seed)` the MRC of each of `rewards` (named by its key) and the KL, per prompt the
-    diversity, and the grids of the first seed (a view-batched sample's views tiled 2x2)."""
+def evaluate(
+    images: torch.Tensor, kl: torch.Tensor, rewards: dict, prompts: list[str], num_prompts: int, num_seeds: int
+) -> dict:
+    """Per sample `(prompt, seed)` the MRC of each of `rewards` (named by its key), the KL, the share of views that
+    adhere to the prompt in colour and in shape and whether a view touches its border; per prompt the diversity; and
+    the grids of the first seed (a view-batched sample's views tiled 2x2)."""
     from carve3d_trl.image_logging import tile_views_grid
+    from carve3d_trl.toy.adherence import measure_adherence
 
     scores = {
         key: torch.cat([reward(images[i : i + 8])[1]["mrc"] for i in range(0, len(images), 8)])
         for key, reward in rewards.items()
     }
+    adherence = measure_adherence(images, prompts)
     grids = images.view(num_prompts, num_seeds, *images.shape[1:])
     first = grids[:, 0] if images.ndim == 4 else tile_views_grid(grids[:, 0])
     return {
         **{key: mrc.view(num_prompts, num_seeds).tolist() for key, mrc in scores.items()},
         "kl": kl.view(num_prompts, num_seeds).tolist(),
+        "color_adherence": adherence.color.float().mean(1).view(num_prompts, num_seeds).tolist(),
+        "shape_adherence": adherence.shape.float().mean(1).view(num_prompts, num_seeds).tolist(),
+        "border": adherence.border.any(1).float().view(num_prompts, num_seeds).tolist(),
         "diversity": [diversity(g) for g in grids],
         "first_seed_grids": first,
     }
@@ -195,7 +205,8 @@ def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workd
 
 def summary(results: dict[str, dict[str, Any]], higher_is_better: bool) -> dict[str, dict[str, float]]:
     """Mean and std over (prompt, seed) of MRC (`mrc`, and `mrc_check` when present) and KL, over prompts of
-    diversity; the paired MRC change to the base (sample by sample, same noise), signed so that a positive change is
+    diversity; the mean adherence (share of views) in colour and in shape, and the share of samples touching a
+    border; the paired MRC change to the base (sample by sample, same noise), signed so that a positive change is
     more consistent, and the fraction of samples it improves."""
     sign = 1.0 if higher_is_better else -1.0
     base = results["base (short SFT)"]
@@ -218,6 +229,7 @@ def summary(results: dict[str, dict[str, Any]], higher_is_better: bool) -> dict[
             )
         out[name].update(
             {
+                **{f"{key}_mean": float(np.mean(r[key])) for key in ("color_adherence", "shape_adherence", "border")},
                 "kl_mean": float(kl.mean()),
                 "kl_std": float(kl.std()),
                 "diversity_mean": float(div.mean()),
@@ -232,7 +244,8 @@ def markdown_table(stats: dict[str, dict[str, float]], higher_is_better: bool) -
     keys = [key for key in ("mrc", "mrc_check") if f"{key}_mean" in next(iter(stats.values()))]
     titles = {"mrc": "MRC", "mrc_check": "MRC, check reconstructor"}
     header = [f"{titles[k]} ({arrow} is better) | gain vs base (paired, ± s.e.) | samples improved" for k in keys]
-    lines = [f"| source | {' | '.join(header)} | KL to base | diversity |", "|---" * (3 * len(keys) + 3) + "|"]
+    header += ["KL to base | diversity | colour adherence | shape adherence | touches border"]
+    lines = [f"| source | {' | '.join(header)} |", "|---" * (3 * len(keys) + 6) + "|"]
     for name, s in stats.items():
         cells = [
             f"{s[f'{k}_mean']:.3f} ± {s[f'{k}_std']:.3f} | {s[f'{k}_change_mean']:+.3f} ± {s[f'{k}_change_sem']:.3f} "
@@ -240,7 +253,9 @@ def markdown_table(stats: dict[str, dict[str, float]], higher_is_better: bool) -
             for k in keys
         ]
         kl = "-" if name == "data" else f"{s['kl_mean']:.5f} ± {s['kl_std']:.5f}"
-        lines.append(f"| {name} | {' | '.join(cells)} | {kl} | {s['diversity_mean']:.4f} ± {s['diversity_std']:.4f} |")
+        cells += [kl, f"{s['diversity_mean']:.4f} ± {s['diversity_std']:.4f}"]
+        cells += [f"{s[k]:.0%}" for k in ("color_adherence_mean", "shape_adherence_mean", "border_mean")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def make_reward(kwargs_json: str) -> MRCReward:
         kwargs = json.loads(kwargs_json) or None
         layout = instant3d_layout() if args.family == "grid" else toy_view_cameras().layout
-        return MRCReward(layout, metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
+        return MRCReward(layout, "radiance_field", metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
 
     reward = make_reward(args.reconstructor_kwargs)
     scorers = {"mrc": reward}
@@ -349,14 +364,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
 
     data = data_samples(val_scenes, seeds, args.family)
-    results["data"] = evaluate(data, torch.zeros(len(prompts)), scorers, *num)
+    results["data"] = evaluate(data, torch.zeros(len(prompts)), scorers, prompts, *num)
     pipeline_class = StableDiffusionPipeline if args.family == "grid" else MultiViewDiffusionPipeline
     base = pipeline_class.from_pretrained(toy_model_path("short", family=args.family), torch_dtype=torch.float32)
     long = pipeline_class.from_pretrained(toy_model_path("long", family=args.family), torch_dtype=torch.float32)
     images, kl = sample_with_kl(base, prompts, sample_seeds, **sampling)
-    results["base (short SFT)"] = evaluate(images, kl, scorers, *num)
+    results["base (short SFT)"] = evaluate(images, kl, scorers, prompts, *num)
     images, kl = sample_with_kl(long, prompts, sample_seeds, reference=base, **sampling)
-    results["long SFT"] = evaluate(images, kl, scorers, *num)
+    results["long SFT"] = evaluate(images, kl, scorers, prompts, *num)
     timings["evaluate data, base, long"] = time.time() - start
 
     histories = {}
@@ -369,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pipe = trainer.sd_pipeline.sd_pipeline
             pipe.unet.eval()
             images, kl = sample_with_kl(pipe, prompts, sample_seeds, reference=pipe, **sampling)
-            results[name] = evaluate(images, kl, scorers, *num)
+            results[name] = evaluate(images, kl, scorers, prompts, *num)
             timings[f"evaluate {name}"] = time.time() - run_start - timings[f"train {name}"]
     results = {name: results[name] for name in SOURCES}
     higher = reward.metric.higher_is_better

@@ -160,30 +160,40 @@ def test_replication_benchmark_smoke(tmp_path, family):
     assert all(np.isfinite(s["mrc_mean"]) and np.isfinite(s["mrc_check_mean"]) for s in stats.values())
     assert all(s["diversity_mean"] > 0 for s in stats.values()) and stats["data"]["kl_mean"] == 0
     assert stats["long SFT"]["kl_mean"] != 0
+    for s in stats.values():
+        assert all(0 <= s[f"{k}_mean"] <= 1 for k in ("color_adherence", "shape_adherence", "border"))
+    assert stats["data"]["color_adherence_mean"] >= 0.5  # renders of the captions' scenes
     for name in ("RL + KL", "RL, no KL"):
         assert len(report["histories"][name]) == 2 and "kl_mean" in report["histories"][name][0]
     for suffix in ("curves", "summary", "samples"):
         assert Path(f"{out}_{suffix}.png").stat().st_size > 0
 
 
-def test_training_script_is_deterministic_and_writes_short_and_long_checkpoints(tmp_path):
+def test_training_script_is_deterministic_and_writes_the_single_view_short_and_long_checkpoints(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    tiny = ["--num_scenes", "3", "--vae_steps", "2", "--vae_batch_size", "4", "--batch_size", "4"]
-    tiny += ["--short_steps", "1", "--unet_steps", "2", "--warmup_steps", "1"]
+    tiny = ["--num_scenes", "3", "--random_views", "1", "--vae_steps", "2", "--vae_batch_size", "4"]
+    tiny += ["--pretrain_steps", "2", "--pretrain_batch_size", "4", "--batch_size", "4"]
+    tiny += ["--short_steps", "1", "--grid_steps", "2", "--warmup_steps", "1"]
     for run in ("a", "b"):
         run_script("scripts/train_toy_model.py", *tiny, "--output_dir", str(tmp_path / run))
 
-    def unet(run: str, variant: str) -> dict[str, torch.Tensor]:
-        return load_file(tmp_path / run / variant / "unet" / "diffusion_pytorch_model.safetensors")
+    def weights(run: str, variant: str, part: str = "unet") -> dict[str, torch.Tensor]:
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        return load_file(tmp_path / run / variant / part / name)
 
-    for variant in ("short", "long"):
-        first, second = unet("a", variant), unet("b", variant)
+    for variant in ("single_view", "short", "long"):
+        first, second = weights("a", variant), weights("b", variant)
         assert all(torch.equal(first[k], second[k]) for k in first)  # the same seed gives the same weights
         assert {t.dtype for t in first.values()} == {torch.float16}
-    short, long = unet("a", "short"), unet("a", "long")
+    single, short, long = (weights("a", v) for v in ("single_view", "short", "long"))
+    assert any(not torch.equal(single[k], short[k]) for k in short)  # stage 2 starts from stage 1 and trains on
     assert any(not torch.equal(short[k], long[k]) for k in short)  # the long checkpoint trained further
+    text = [weights("a", v, "text_encoder") for v in ("single_view", "short", "long")]
+    assert all(torch.equal(text[0][k], t[k]) for t in text[1:] for k in t)  # stage 2 freezes the text encoder
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "long")
     assert pipe.vae.config.scaling_factor != 0.18215 and pipe.tokenizer.model_max_length == 64
+    assert pipe.unet.config.sample_size == 16  # 64x64 grids
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "single_view").unet.config.sample_size == 8
     assert not list(tmp_path.glob("*/.tmp-*")) and not list(tmp_path.glob("*/*/.tmp-*"))

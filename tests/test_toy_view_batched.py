@@ -109,7 +109,7 @@ def test_load_toy_pipeline_by_family_and_unknown_family():
     assert isinstance(pipe, MultiViewDiffusionPipeline) and pipe.config.elevation == 15.0
     grid = load_toy_pipeline("long")  # the grid family stays the default
     assert type(grid).__name__ == "StableDiffusionPipeline"
-    assert pipe.vae.config.scaling_factor == grid.vae.config.scaling_factor  # the grid toy's VAE, frozen
+    assert pipe.vae.config.scaling_factor == grid.vae.config.scaling_factor  # both: the single-view toy's VAE
     with pytest.raises(ValueError, match="valid families: grid, view_batched"):
         toy_model_path("short", family="mvdream")
     with pytest.raises(ValueError, match="valid variants: short, long"):
@@ -119,7 +119,12 @@ def test_load_toy_pipeline_by_family_and_unknown_family():
 def test_training_script_is_deterministic_and_writes_short_and_long_checkpoints(tmp_path):
     from safetensors.torch import load_file
 
+    from carve3d_trl.toy.model import SINGLE_VIEW_SIZE, build_toy_pipeline
+    from carve3d_trl.toy.training import save_pipeline
+
+    save_pipeline(build_toy_pipeline(seed=0, image_size=SINGLE_VIEW_SIZE), tmp_path / "base")
     tiny = ["--num_scenes", "2", "--batch_size", "2", "--short_steps", "1", "--unet_steps", "2", "--warmup_steps", "1"]
+    tiny += ["--base", str(tmp_path / "base")]
     for run in ("a", "b"):
         subprocess.run(
             [
@@ -146,4 +151,6 @@ def test_training_script_is_deterministic_and_writes_short_and_long_checkpoints(
     assert any(not torch.equal(short[k], long[k]) for k in short)  # the long checkpoint trained further
     pipe = MultiViewDiffusionPipeline.from_pretrained(tmp_path / "a" / "long")
     assert pipe.config.num_views == 4 and pipe.unet.config.sample_size == 8
+    base = load_file(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() < long.keys() and any(not torch.equal(base[k], long[k]) for k in base)  # from base, trained
     assert not list(tmp_path.glob("*/.tmp-*")) and not list(tmp_path.glob("*/*/.tmp-*"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rewards.cameras import CameraLayout, instant3d_layout, tile_views
+from ..rewards.cameras import CameraLayout, instant3d_layout, orbit_layout, tile_views
 from ..synthetic.objects import Primitive, SyntheticObject, render_object
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Scene",
     "Solid",
     "random_scene",
+    "render_random_views",
     "render_scenes",
     "scene_dataset",
     "turned_and_mirrored",
@@ -159,6 +160,25 @@ def render_scenes(scenes: Sequence[Scene], view_size: int = 32, layout: CameraLa
     layout = layout or instant3d_layout()
     views = torch.stack([render_object(scene.to_object(), layout, view_size) for scene in scenes])
     return tile_views(views, layout)
+
+
+def render_random_views(
+    scenes: Sequence[Scene],
+    views_per_scene: int,
+    generator: torch.Generator,
+    view_size: int = 32,
+    elevation_range: tuple[float, float] = (0.0, 40.0),
+) -> torch.Tensor:
+    """Views `(N, views_per_scene, 3, view_size, view_size)` of `scenes` from cameras at random azimuths and
+    elevations (uniform in `elevation_range`, degrees), at the toy cameras' distance (2.5) and field of view (50)."""
+    views = []
+    for scene in scenes:
+        azimuths = (360.0 * torch.rand(views_per_scene, generator=generator)).tolist()
+        low, high = elevation_range
+        elevations = (low + (high - low) * torch.rand(views_per_scene, generator=generator)).tolist()
+        layout = orbit_layout(1, views_per_scene, elevations, azimuths, 2.5, 50.0)
+        views.append(render_object(scene.to_object(), layout, view_size))
+    return torch.stack(views)
 
 
 def turned_and_mirrored(grids: torch.Tensor) -> torch.Tensor:

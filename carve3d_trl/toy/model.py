@@ -1,13 +1,18 @@
-"""The toy text-to-multi-view model: its architecture, and its trained weights shipped with the package.
+"""The toy text-to-multi-view models: their architecture, and their trained weights shipped with the package.
 
 A Stable Diffusion pipeline in miniature (character-level CLIP tokenizer and text encoder, a 3-level `AutoencoderKL`
-with a 16x16x4 latent for 64x64 images, a 3-level `UNet2DConditionModel`, DDIM), trained by
-`scripts/train_toy_model.py` on 2x2 grids of synthetic scenes (`carve3d_trl.toy.data`). Two checkpoints are shipped:
-`"short"` (stopped early, like Carve3D's short-SFT base model: plausible but imperfectly consistent views) and
-`"long"` (trained longer, for comparison).
+with a 4x downsampled 4-channel latent, a 3-level `UNet2DConditionModel`, DDIM), made in two stages as real
+multi-view models are (`scripts/train_toy_model.py`):
 
-A second family, `"view_batched"` (MVDream's architecture: 4 views of 32 px denoised jointly, with a camera
-embedding and cross-view attention; `carve3d_trl.toy.view_batched`), is made from the grid toy and trained by
+1. a single-view text-to-image model (32-px views of the synthetic scenes of `carve3d_trl.toy.data` from many
+   cameras), shipped as `weights/single_view/` (`toy_single_view_path()`), the toy's "pretrained" model;
+2. fine-tuned from it, the `"grid"` family (64x64 grids of 2x2 views, like Instant3D): a `"short"` checkpoint
+   (stopped early, like Carve3D's short-SFT base model: one-solid captions drawn right, views that agree less; the
+   second solid of a composition often takes the wrong colour) and a `"long"` one (trained longer, for comparison).
+   Their prompt adherence is measured by `carve3d_trl.toy.adherence`.
+
+The `"view_batched"` family (MVDream's architecture: 4 views of 32 px denoised jointly, with a camera embedding and
+cross-view attention; `carve3d_trl.toy.view_batched`) is fine-tuned from the same single-view model by
 `scripts/train_toy_view_batched.py`; its `"short"` and `"long"` checkpoints are `MultiViewDiffusionPipeline` folders
 in `weights/view_batched/`.
 """
@@ -21,12 +26,20 @@ import torch
 
 from ..testing import assemble_sd_pipeline, build_tiny_tokenizer
 
-__all__ = ["TOY_FAMILIES", "TOY_VARIANTS", "build_toy_pipeline", "load_toy_pipeline", "toy_model_path"]
+__all__ = [
+    "TOY_FAMILIES",
+    "TOY_VARIANTS",
+    "build_toy_pipeline",
+    "load_toy_pipeline",
+    "toy_model_path",
+    "toy_single_view_path",
+]
 
 TOY_VARIANTS = ("short", "long")
 TOY_FAMILIES = ("grid", "view_batched")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-TOY_IMAGE_SIZE = 64
+TOY_IMAGE_SIZE = 64  # the grid toy's 2x2 grids
+SINGLE_VIEW_SIZE = 32  # one view
 TEXT_HIDDEN_SIZE = 64
 MAX_CAPTION_LENGTH = 64  # characters
 
@@ -46,6 +59,15 @@ def toy_model_path(variant: str = "short", family: str = "grid") -> Path:
     return path
 
 
+def toy_single_view_path() -> Path:
+    """The diffusers folder of the shipped single-view toy (a `StableDiffusionPipeline` of 32-px images): the stage 1
+    model that both families are fine-tuned from."""
+    path = WEIGHTS_DIR / "single_view"
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"No single-view toy weights at {path}; rebuild them with scripts/train_toy_model.py.")
+    return path
+
+
 def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
     """A shipped toy checkpoint, offline, in float32 by default: `StableDiffusionPipeline.from_pretrained` for the
     `"grid"` family, `MultiViewDiffusionPipeline.from_pretrained` for the `"view_batched"` one."""
@@ -59,8 +81,9 @@ def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
     return pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def build_toy_pipeline(seed: int = 0):
-    """The toy architecture with random weights (what training starts from), deterministic in `seed`."""
+def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE):
+    """The toy architecture with random weights (what training starts from), deterministic in `seed`, for images
+    of `image_size` pixels (the UNet's `sample_size` is a quarter of it; the weights do not depend on it)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -75,11 +98,11 @@ def build_toy_pipeline(seed: int = 0):
             latent_channels=4,
             layers_per_block=1,
             norm_num_groups=8,
-            sample_size=TOY_IMAGE_SIZE,
+            sample_size=image_size,
             mid_block_add_attention=False,
         )
         unet = UNet2DConditionModel(
-            sample_size=TOY_IMAGE_SIZE // 4,
+            sample_size=image_size // 4,
             block_out_channels=(32, 64, 64),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

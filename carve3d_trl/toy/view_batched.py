@@ -2,9 +2,9 @@
 
 The same captioned scenes as the grid toy (`carve3d_trl.toy.data`), rendered as 4 separate 32-px views at the
 cameras of the view-batched family (`multiview_cameras(4, elevation=15.0)`: MVDream's default elevation, the
-layout's default distance and field of view), in the model's view order. The model is made from the grid toy as
-MVDream is made from Stable Diffusion: the grid toy's tokenizer, text encoder, VAE and scheduler, and its UNet's
-weights in a UNet that adds the 16-input camera embedding (zero-initialised output, so that it starts neutral) and
+layout's default distance and field of view), in the model's view order. The model is made from the single-view toy
+as MVDream is made from Stable Diffusion: its tokenizer, text encoder, VAE and scheduler, and its UNet's weights in a
+UNet that adds the 16-input camera embedding (zero-initialised output, so that it starts neutral) and
 sees one view (8x8 latent) per sample, with self-attention across the views of an object
 ([`~carve3d_trl.pipelines.MultiViewDiffusionPipeline`] installs it). `scripts/train_toy_view_batched.py` trains it.
 """
@@ -90,11 +90,12 @@ def turned_and_mirrored_views(views: torch.Tensor) -> torch.Tensor:
     return torch.stack(versions, dim=1).flatten(0, 1)
 
 
-def build_toy_view_batched_pipeline(grid_pipeline=None, seed: int = 0):
-    """The view-batched toy's architecture (what training starts from), made from a grid toy pipeline (default:
-    the shipped `long` checkpoint): its tokenizer, text encoder, VAE and scheduler, and its UNet's weights in a UNet
-    with the camera embedding (`class_embed_type="projection"`, 16 inputs) and `sample_size` one view's latent
-    side. The camera embedding's first layer is random (deterministic in `seed`), its last layer zero.
+def build_toy_view_batched_pipeline(base=None, seed: int = 0):
+    """The view-batched toy's architecture (what training starts from), made from a single-view or grid toy
+    `StableDiffusionPipeline` `base` (default: the shipped single-view toy, `toy_single_view_path()`): its
+    tokenizer, text encoder, VAE and scheduler, and its UNet's weights in a UNet with the camera embedding
+    (`class_embed_type="projection"`, 16 inputs) and `sample_size` one view's latent side. The camera
+    embedding's first layer is random (deterministic in `seed`), its last layer zero.
 
     Returns:
         [`~carve3d_trl.pipelines.MultiViewDiffusionPipeline`] with 4 views at elevation 15 degrees.
@@ -103,31 +104,35 @@ def build_toy_view_batched_pipeline(grid_pipeline=None, seed: int = 0):
 
     from ..pipelines.view_batched import MultiViewDiffusionPipeline
 
-    if grid_pipeline is None:
-        from .model import load_toy_pipeline
+    if base is None:
+        from diffusers import StableDiffusionPipeline
 
-        grid_pipeline = load_toy_pipeline("long")
-    latent_size = VIEW_SIZE // (2 ** (len(grid_pipeline.vae.config.block_out_channels) - 1))
-    config = {k: v for k, v in grid_pipeline.unet.config.items() if not k.startswith("_")}
+        from .model import toy_single_view_path
+
+        base = StableDiffusionPipeline.from_pretrained(
+            toy_single_view_path(), torch_dtype=torch.float32, local_files_only=True
+        )
+    latent_size = VIEW_SIZE // (2 ** (len(base.vae.config.block_out_channels) - 1))
+    config = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
     config.update(
         class_embed_type="projection", projection_class_embeddings_input_dim=CAMERA_INPUTS, sample_size=latent_size
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(config)
-    missing, unexpected = unet.load_state_dict(grid_pipeline.unet.state_dict(), strict=False)
+    missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
     if unexpected or any(not key.startswith("class_embedding.") for key in missing):
         raise ValueError(
-            f"The grid UNet does not fit the view-batched one: missing {missing}, unexpected {unexpected}."
+            f"The base UNet does not fit the view-batched one: missing {missing}, unexpected {unexpected}."
         )
     torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
     torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
     return MultiViewDiffusionPipeline(
-        vae=grid_pipeline.vae,
-        text_encoder=grid_pipeline.text_encoder,
-        tokenizer=grid_pipeline.tokenizer,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
         unet=unet,
-        scheduler=grid_pipeline.scheduler,
+        scheduler=base.scheduler,
         num_views=NUM_VIEWS,
         elevation=VIEW_ELEVATION,
     )
