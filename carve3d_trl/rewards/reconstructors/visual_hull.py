@@ -22,8 +22,9 @@ class VisualHullReconstructor:
     refined by bisection) and image-based colour. A point's colour is a weighted mean of the views' colours at its
     projections; a view's weight falls with how far the point lies behind that view's own first hull surface (it is
     occluded there), and with `"held_out"` the rendered view itself is penalised, so its render shows what the *other*
-    views see wherever they see it and its own colours only where no other view does. Inconsistency therefore shows
-    up twice: a silhouette that disagrees with the others carves the hull (every render loses or gains area), and
+    views see wherever they see it and its own colours only where no other view does (blended there with the colours
+    extended from the nearby parts the others see, a weak prior). Inconsistency therefore shows
+    up twice: a silhouette that disagrees with the others carves the hull (every render loses area), and
     colours that disagree with the other views' are replaced by theirs. Foreground colours are bled a few pixels past
     the silhouettes before sampling, so points projecting onto an anti-aliased edge do not pick up the background.
 
@@ -46,6 +47,9 @@ class VisualHullReconstructor:
         own_view_penalty (`float`, *optional*): Log-weight subtracted from the rendered view's own colour.
             Default: the protocol's.
         colour_bleed (`int`): Pixels the foreground colours are extended past the eroded silhouettes.
+        inpaint_pixels (`int`): How far, in pixels, the colours of the parts another view sees are extended into the
+            parts only the rendered view sees.
+        inpaint_weight (`float`): Weight of those extended colours against the view's own there (0: own colours).
         bound (`float`): Half side of the reconstructed cube, centred on the world origin.
     """
 
@@ -60,6 +64,8 @@ class VisualHullReconstructor:
         occlusion_softness: float = 0.02,
         own_view_penalty: float | None = None,
         colour_bleed: int = 4,
+        inpaint_pixels: int = 4,
+        inpaint_weight: float = 0.5,
         bound: float = 1.0,
     ):
         if protocol not in _PROTOCOL_OWN_VIEW_PENALTY:
@@ -67,9 +73,15 @@ class VisualHullReconstructor:
         for name, value in (("render_size", render_size), ("samples_per_ray", samples_per_ray)):
             if value < 2:
                 raise ValueError(f"{name} must be at least 2, got {value}.")
-        for name, value in (("refine_steps", refine_steps), ("colour_bleed", colour_bleed)):
+        for name, value in (
+            ("refine_steps", refine_steps),
+            ("colour_bleed", colour_bleed),
+            ("inpaint_pixels", inpaint_pixels),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
+        if not 0.0 <= inpaint_weight <= 1.0:
+            raise ValueError(f"inpaint_weight must be in [0, 1], got {inpaint_weight}.")
         if occlusion_softness <= 0 or occlusion_slack < 0 or bound <= 0:
             raise ValueError(
                 "occlusion_softness and bound must be > 0 and occlusion_slack >= 0, got "
@@ -85,6 +97,8 @@ class VisualHullReconstructor:
             _PROTOCOL_OWN_VIEW_PENALTY[protocol] if own_view_penalty is None else float(own_view_penalty)
         )
         self.colour_bleed = colour_bleed
+        self.inpaint_pixels = inpaint_pixels
+        self.inpaint_weight = inpaint_weight
         self.bound = bound
         self._geometry_key: tuple | None = None
         self._geometry: _RayGeometry | None = None
@@ -160,7 +174,21 @@ class VisualHullReconstructor:
             grid = (uv * 2 - 1).transpose(0, 1)[:, None]  # (V, 1, K, 2)
             sampled = F.grid_sample(colours, grid, mode="bilinear", padding_mode="border", align_corners=False)
             renders[v][:, rays] = (sampled[:, :, 0] * weights.t()[:, None]).sum(dim=0)
+            if self.inpaint_pixels and self.inpaint_weight:
+                others_see = torch.where(visible & (view_index != v), behind, torch.inf).amin(dim=-1) <= 0  # (K,)
+                self._inpaint_unseen(renders[v], rays, others_see, (height, width))
         return renders.view(num_views, 3, height, width)
+
+    def _inpaint_unseen(self, render: torch.Tensor, rays: torch.Tensor, others_see: torch.Tensor, size) -> None:
+        """Blend, in place, the pixels of `render` `(3, h * w)` whose hull point no other view sees with colours
+        extended from the nearby pixels whose point another view sees (up to `inpaint_pixels` away)."""
+        seen = torch.zeros(render.shape[1], dtype=torch.bool, device=render.device)
+        seen[rays[others_see]] = True
+        unseen = torch.zeros_like(seen)
+        unseen[rays[~others_see]] = True
+        extended, reached = _extend(render.view(1, 3, *size), seen.view(1, 1, *size), self.inpaint_pixels)
+        blend = (unseen & reached.flatten()).float() * self.inpaint_weight
+        render.mul_(1 - blend).add_(extended.view(3, -1) * blend)
 
 
 class _RayGeometry:
@@ -205,15 +233,27 @@ def _bleed(views: torch.Tensor, masks: torch.Tensor, pixels: int) -> torch.Tenso
     pixel (the anti-aliased edge mixes in the background), are extended `pixels` pixels outwards."""
     if pixels == 0:
         return views
-    shape = views.shape
-    images = views.flatten(0, 1)
-    known = (-F.max_pool2d(-masks.flatten(0, 1)[:, None].float(), 3, stride=1, padding=1)) > 0.5
-    colour = torch.where(known, images, torch.zeros_like(images))
+    interior = -F.max_pool2d(-masks.flatten(0, 1)[:, None].float(), 3, stride=1, padding=1) > 0.5
+    return _extend(views.flatten(0, 1), interior, pixels)[0].view(views.shape)
+
+
+def _extend(images: torch.Tensor, known: torch.Tensor, pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend the colours of the `known` pixels of images `(N, 3, h, w)` into the others, one ring of pixels per step
+    (the mean of the known 3x3 neighbours), `pixels` steps.
+
+    Args:
+        known (`torch.BoolTensor` of shape `(N, 1, h, w)`).
+
+    Returns:
+        `(images, reached)`: the images with the reached pixels replaced, and the known or reached pixels
+        `(N, 1, h, w)`.
+    """
     known = known.float()
+    colour = images * known
     for _ in range(pixels):
         total = F.avg_pool2d(colour, 3, stride=1, padding=1, count_include_pad=False)
         count = F.avg_pool2d(known, 3, stride=1, padding=1, count_include_pad=False)
         fill = (count > 0) & (known == 0)
         colour = torch.where(fill, total / count.clamp_min(1e-6), colour)
         known = torch.where(fill, torch.ones_like(known), known)
-    return torch.where(known > 0, colour, images).view(shape)
+    return torch.where(known > 0, colour, images), known > 0
