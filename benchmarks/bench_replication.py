@@ -7,9 +7,10 @@
 
 `--family grid` (default) uses the grid toy; `--family view_batched` the view-batched toy (4 views at its own cameras,
 which MRC reconstructs from). Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on
-`--train_prompts` captions with `MRCReward` (built-in reconstructor, default `held_out` protocol, fitted at 16 px with
-50 steps to fit the CPU budget: `--reconstructor_kwargs`; the same reward scores the evaluation, a stronger one
-rescores it): one with the KL penalty (the recipe's in-reward KL, `--kl_coeff`), one without (`kl_penalty=False`, the
+`--train_prompts` captions with `MRCReward` (`--reconstructor`: the radiance field of the recorded runs, default
+`held_out` protocol, fitted at 16 px with 50 steps to fit the CPU budget, or the library's default, the visual hull;
+`--reconstructor_kwargs`; the same reward scores the evaluation, a stronger radiance field rescores it): one with
+the KL penalty (the recipe's in-reward KL, `--kl_coeff`), one without (`kl_penalty=False`, the
 KL still logged). Then five sources are evaluated on `--val_prompts` other captions x `--eval_seeds` seeds, each
 (prompt, seed) starting from the same noise: the renders of the scenes themselves (data), the short-SFT base, both RL
 models and the long-SFT checkpoint. Per sample: MRC, and the KL to the base model (mean over the DDIM steps of log
@@ -64,15 +65,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kl_coeff", type=float, default=0.2, help="kl_normalized_coeff of the KL run.")
     parser.add_argument("--metric", default="psnr", choices=("psnr", "mse", "lpips"), help="MRC's image metric.")
     parser.add_argument(
+        "--reconstructor",
+        default="radiance_field",
+        choices=("radiance_field", "visual_hull"),
+        help="The reward's built-in reconstructor (the recorded runs: radiance_field; the library's default: "
+        "visual_hull).",
+    )
+    parser.add_argument(
         "--reconstructor_kwargs",
-        default=json.dumps(CHEAP_RECONSTRUCTOR),
-        help="JSON arguments of the built-in reconstructor ('{}': its defaults, 3-10x slower).",
+        default=None,
+        help="JSON arguments of the reward's reconstructor (default: the cheap fit below for radiance_field, '{}' "
+        "for visual_hull; '{}' for radiance_field is its defaults, 3-10x slower).",
     )
     parser.add_argument(
         "--check_reconstructor_kwargs",
         default=json.dumps(CHECK_RECONSTRUCTOR),
-        help="JSON arguments of a second built-in reconstructor that rescores every evaluation sample, to check that "
-        "the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
+        help="JSON arguments of a second reconstructor, always the radiance field, that rescores every evaluation "
+        "sample, to check that the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the runs and of the evaluation noise.")
     parser.add_argument(
@@ -83,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "replication", help="Prefix of the .json and .png.")
     args = parser.parse_args(argv)
+    if args.reconstructor_kwargs is None:
+        args.reconstructor_kwargs = json.dumps(CHEAP_RECONSTRUCTOR if args.reconstructor == "radiance_field" else {})
     if min(args.epochs, args.train_prompts, args.samples_per_prompt, args.val_prompts, args.steps) < 1:
         parser.error("--epochs, --train_prompts, --samples_per_prompt, --val_prompts and --steps must be >= 1.")
     if args.eval_seeds < 2:
@@ -346,15 +357,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_prompts = [s.caption for s in train_scenes]
     val_prompts = [s.caption for s in val_scenes]
 
-    def make_reward(kwargs_json: str) -> MRCReward:
+    def make_reward(reconstructor: str, kwargs_json: str) -> MRCReward:
         kwargs = json.loads(kwargs_json) or None
         layout = instant3d_layout() if args.family == "grid" else toy_view_cameras().layout
-        return MRCReward(layout, "radiance_field", metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
+        return MRCReward(layout, reconstructor, metric=args.metric, seed=args.seed, reconstructor_kwargs=kwargs)
 
-    reward = make_reward(args.reconstructor_kwargs)
+    reward = make_reward(args.reconstructor, args.reconstructor_kwargs)
     scorers = {"mrc": reward}
     if args.check_reconstructor_kwargs != "none":
-        scorers["mrc_check"] = make_reward(args.check_reconstructor_kwargs)
+        scorers["mrc_check"] = make_reward("radiance_field", args.check_reconstructor_kwargs)
     seeds = [args.seed * 1000 + s for s in range(args.eval_seeds)]
     prompts = [p for p in val_prompts for _ in seeds]
     sample_seeds = [1000 * i + s for i in range(len(val_prompts)) for s in seeds]
@@ -378,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for name, use_kl in (("RL + KL", True), ("RL, no KL", False)):
             run_start = time.time()
-            trainer = rl_run(args, train_prompts, use_kl, make_reward(args.reconstructor_kwargs), Path(tmp))
+            run_reward = make_reward(args.reconstructor, args.reconstructor_kwargs)
+            trainer = rl_run(args, train_prompts, use_kl, run_reward, Path(tmp))
             histories[name] = trainer.history
             timings[f"train {name}"] = time.time() - run_start
             pipe = trainer.sd_pipeline.sd_pipeline

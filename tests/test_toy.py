@@ -134,8 +134,8 @@ def run_script(script: str, *args: str) -> None:
     subprocess.run([sys.executable, str(ROOT / script), *args], check=True, capture_output=True, timeout=900)
 
 
-@pytest.mark.parametrize("family", ["grid", "view_batched"])
-def test_replication_benchmark_smoke(tmp_path, family):
+@pytest.mark.parametrize("family, reconstructor", [("grid", "radiance_field"), ("view_batched", "visual_hull")])
+def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
     out = tmp_path / "replication"
     args = [
         "--family",
@@ -149,10 +149,16 @@ def test_replication_benchmark_smoke(tmp_path, family):
         "--val_prompts",
         "2",
     ]
-    args += ["--eval_seeds", "2", "--steps", "2", "--reconstructor_kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
+    args += ["--eval_seeds", "2", "--steps", "2", "--reconstructor", reconstructor]
+    if reconstructor == "radiance_field":
+        args += ["--reconstructor_kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
     args += ["--check_reconstructor_kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
     run_script("benchmarks/bench_replication.py", *args, "--out", str(out))
     report = json.loads(Path(f"{out}.json").read_text())
+    assert report["settings"]["reconstructor"] == reconstructor
+    assert json.loads(report["settings"]["reconstructor_kwargs"]) == (
+        CHEAP_RECONSTRUCTOR if reconstructor == "radiance_field" else {}
+    )
     assert list(report["summary"]) == ["data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT"]
     assert not set(report["train_prompts"]) & set(report["val_prompts"])
     stats = report["summary"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,7 @@ from ..rays import camera_rays, intersect_box, project_points, scaled_size
 __all__ = ["VisualHullReconstructor"]
 
 _PROTOCOL_OWN_VIEW_PENALTY = {"held_out": 3.0, "same_view": 0.0}
+_PACK = 8  # samples whose silhouettes share one byte in the ray march
 
 
 class VisualHullReconstructor:
@@ -29,8 +32,9 @@ class VisualHullReconstructor:
     the silhouettes before sampling, so points projecting onto an anti-aliased edge do not pick up the background.
 
     Silhouettes follow MRC's crop rule (`foreground_mask`). Renders are made at the views' size (at most
-    `render_size`): no blur to mistake for inconsistency. A batch shares the ray geometry, so it costs less than its
-    samples one by one; each sample's renders do not depend on the rest of the batch. See `benchmarks/RESULTS.md`
+    `render_size`): no blur to mistake for inconsistency. A batch costs less than its samples one by one: the ray
+    geometry is cached across calls, and the ray march reads the silhouettes of 8 samples at once (packed in the bits
+    of one byte); each sample's renders do not depend on the rest of the batch. See `benchmarks/RESULTS.md`
     ("MRC reward") for the validity study that chose the defaults.
 
     Args:
@@ -124,10 +128,14 @@ class VisualHullReconstructor:
         geometry = self._ray_geometry(layout, size, views.device)
         masks = foreground_mask(views, layout.background)  # (B, V, h, w)
         colours = _bleed(views, masks, self.colour_bleed)
+        depth = self._first_hull_points(geometry, masks)
         background = torch.tensor(layout.background, device=views.device, dtype=views.dtype)
-        return torch.stack([self._render(geometry, masks[b], colours[b], background) for b in range(batch)]).clamp(
-            0, 1
-        )
+        renders, only_own = map(torch.stack, zip(*(self._paint(geometry, depth[b], colours[b]) for b in range(batch))))
+        renders = torch.where(depth.isfinite()[:, :, None], renders, background.view(1, 1, 3, 1))  # (B, V, 3, N)
+        renders = renders.view(batch, num_views, 3, *size)
+        if self.inpaint_pixels and self.inpaint_weight:
+            renders = self._inpaint(renders, only_own.view(batch, num_views, 1, *size), depth.isfinite())
+        return renders.clamp(0, 1)
 
     def _ray_geometry(self, layout: CameraLayout, size: tuple[int, int], device: torch.device) -> _RayGeometry:
         """The sample points of every camera's rays and their pixels in every view, cached for the last layout."""
@@ -137,32 +145,40 @@ class VisualHullReconstructor:
             self._geometry_key = key
         return self._geometry
 
-    def _render(self, geometry: _RayGeometry, masks, colours, background) -> torch.Tensor:
-        """Renders `(V, 3, h, w)` of one sample from its silhouettes `(V, h, w)` and bled colours `(V, 3, h, w)`."""
-        num_views, height, width = masks.shape
-        padded = torch.cat([masks.flatten(), masks.new_zeros(1)])  # index V*h*w: outside every view
-
-        def in_hull(pixel_index: torch.Tensor) -> torch.Tensor:
-            return padded[pixel_index].all(dim=-1)
-
-        inside = in_hull(geometry.sample_pixels) & geometry.hit[..., None]  # (V, N, S)
-        hit = inside.any(dim=-1)  # (V, N)
+    def _first_hull_points(self, geometry: _RayGeometry, masks: torch.Tensor) -> torch.Tensor:
+        """Distance `(B, V, N)` along every camera's rays to each sample's first hull point (`inf` where a ray
+        misses the hull), from the silhouettes `(B, V, h, w)`: a ray march, then bisection between two samples."""
+        batch = masks.shape[0]
+        padded = torch.cat([masks.flatten(1), masks.new_zeros(batch, 1)], dim=1)  # index V*h*w: outside every view
+        inside = torch.cat([_march(geometry.sample_pixels, padded[i : i + _PACK]) for i in range(0, batch, _PACK)])
+        inside &= geometry.hit[..., None]  # (B, V, N, S)
+        hit = inside.any(dim=-1)
         first = inside.to(torch.uint8).argmax(dim=-1, keepdim=True)
-        t_in = geometry.t.gather(-1, first)[..., 0]
-        t_out = torch.maximum(t_in - geometry.step, geometry.near)
+        depth = torch.full(hit.shape, float("inf"), device=masks.device)
+        sample, view, ray = hit.nonzero(as_tuple=True)  # the K rays that reach the hull
+        t_in = geometry.t[view, ray].gather(-1, first[sample, view, ray])[:, 0]  # (K,)
+        t_out = torch.maximum(t_in - geometry.step[view, ray], geometry.near[view, ray])
+        origins, directions = geometry.origins[view, ray], geometry.directions[view, ray]
         for _ in range(self.refine_steps):  # t_in stays inside the hull, t_out before it
             middle = 0.5 * (t_in + t_out)
-            points = geometry.origins + geometry.directions * middle[..., None]
-            now_inside = in_hull(geometry.pixel_index(points))
+            index = geometry.pixel_index(origins + directions * middle[:, None])  # (K, V)
+            now_inside = padded[sample[:, None], index].all(dim=-1)
             t_in = torch.where(now_inside, middle, t_in)
             t_out = torch.where(now_inside, t_out, middle)
-        depth = torch.where(hit, t_in, torch.full_like(t_in, float("inf")))  # (V, N): distance to the first hull point
+        depth[sample, view, ray] = t_in
+        return depth
 
-        renders = background.view(1, 3, 1).repeat(num_views, 1, height * width)
-        view_index = torch.arange(num_views, device=masks.device)
+    def _paint(self, geometry: _RayGeometry, depth: torch.Tensor, colours: torch.Tensor):
+        """Colours `(V, 3, N)` of one sample's first hull points (undefined where a ray misses the hull), from their
+        distances `(V, N)` and the bled views `(V, 3, h, w)`; and which of them no other view sees `(V, N)`."""
+        num_views, _, height, width = colours.shape
+        hit = depth.isfinite()
+        painted = colours.new_zeros(num_views, 3, height * width)
+        only_own = torch.zeros(num_views, height * width, dtype=torch.bool, device=colours.device)
+        view_index = torch.arange(num_views, device=colours.device)
         for v in range(num_views):
             rays = hit[v].nonzero()[:, 0]
-            points = geometry.origins[v, rays] + geometry.directions[v, rays] * t_in[v, rays, None]  # (K, 3)
+            points = geometry.origins[v, rays] + geometry.directions[v, rays] * depth[v, rays, None]  # (K, 3)
             uv, in_front = project_points(points[:, None], geometry.cam2world, geometry.intrinsics)  # (K, V, 2)
             pixel = geometry.pixel_index(points)  # (K, V)
             visible = (in_front > 0) & (pixel < num_views * height * width)
@@ -173,22 +189,18 @@ class VisualHullReconstructor:
             weights = torch.where(visible, logits, torch.full_like(logits, -torch.inf)).softmax(dim=-1)
             grid = (uv * 2 - 1).transpose(0, 1)[:, None]  # (V, 1, K, 2)
             sampled = F.grid_sample(colours, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            renders[v][:, rays] = (sampled[:, :, 0] * weights.t()[:, None]).sum(dim=0)
-            if self.inpaint_pixels and self.inpaint_weight:
-                others_see = torch.where(visible & (view_index != v), behind, torch.inf).amin(dim=-1) <= 0  # (K,)
-                self._inpaint_unseen(renders[v], rays, others_see, (height, width))
-        return renders.view(num_views, 3, height, width)
+            painted[v][:, rays] = (sampled[:, :, 0] * weights.t()[:, None]).sum(dim=0)
+            only_own[v, rays] = torch.where(visible & (view_index != v), behind, torch.inf).amin(dim=-1) > 0
+        return painted, only_own
 
-    def _inpaint_unseen(self, render: torch.Tensor, rays: torch.Tensor, others_see: torch.Tensor, size) -> None:
-        """Blend, in place, the pixels of `render` `(3, h * w)` whose hull point no other view sees with colours
-        extended from the nearby pixels whose point another view sees (up to `inpaint_pixels` away)."""
-        seen = torch.zeros(render.shape[1], dtype=torch.bool, device=render.device)
-        seen[rays[others_see]] = True
-        unseen = torch.zeros_like(seen)
-        unseen[rays[~others_see]] = True
-        extended, reached = _extend(render.view(1, 3, *size), seen.view(1, 1, *size), self.inpaint_pixels)
-        blend = (unseen & reached.flatten()).float() * self.inpaint_weight
-        render.mul_(1 - blend).add_(extended.view(3, -1) * blend)
+    def _inpaint(self, renders: torch.Tensor, only_own: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+        """Renders `(B, V, 3, h, w)` whose pixels showing a hull point no other view sees (`only_own`,
+        `(B, V, 1, h, w)`) are blended with colours extended from the nearby pixels whose point another view sees
+        (up to `inpaint_pixels` away); `hit` `(B, V, N)`: the pixels showing the hull."""
+        seen = hit.view_as(only_own) & ~only_own
+        extended, reached = _extend(renders.flatten(0, 1), seen.flatten(0, 1), self.inpaint_pixels)
+        blend = (only_own & reached.view_as(only_own)).float() * self.inpaint_weight
+        return renders * (1 - blend) + extended.view_as(renders) * blend
 
 
 class _RayGeometry:
@@ -226,6 +238,16 @@ class _RayGeometry:
         view = torch.arange(num_views, device=points.device)
         index = (view * height + row.clamp(0, height - 1)) * width + col.clamp(0, width - 1)
         return torch.where(inside, index, torch.full_like(index, num_views * height * width))
+
+
+def _march(sample_pixels: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+    """Whether every ray sample lies inside the hull of each of up to 8 samples: `(b, V, N, S)` bool from the flat
+    silhouettes `(b, V * h * w + 1)` and the samples' pixels `(V, N, S, V)`, in one gather of bytes that pack the
+    b samples' silhouettes bit by bit (a batch shares the march's cost)."""
+    bits = torch.arange(len(padded), dtype=torch.uint8, device=padded.device)
+    packed = (padded.to(torch.uint8) << bits[:, None]).sum(dim=0, dtype=torch.uint8)
+    in_every_view = functools.reduce(torch.bitwise_and, packed[sample_pixels].unbind(dim=-1))  # (V, N, S)
+    return ((in_every_view[None] >> bits.view(-1, 1, 1, 1)) & 1).bool()
 
 
 def _bleed(views: torch.Tensor, masks: torch.Tensor, pixels: int) -> torch.Tensor:
