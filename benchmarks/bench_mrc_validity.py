@@ -12,8 +12,9 @@ per metric to --out.
 gives the same renders, so the seed noise is 0 and `first_worse`, the share of objects whose MRC is worse at the
 first level, is what separates that level from the consistent views), `radiance_field`, or `oracle`, a perfect
 reconstruction (the renders of each set's true object) with which the study measures the metric alone: the best rho
-any reconstructor can reach with it (MSE and LPIPS only: PSNR is infinite for identical views). `--object_seed`
-draws other objects (tune on one seed, report on others).
+any reconstructor can reach with it (MSE and LPIPS only: PSNR is infinite for identical views), or `true_geometry`,
+the visual hull's painting (`--protocol`, `--reconstructor_kwargs`) on each object's true geometry instead of its
+hull: what a perfect geometry would give. `--object_seed` draws other objects (tune on one seed, report on others).
 
     python benchmarks/bench_mrc_validity.py --metric lpips psnr
     python benchmarks/bench_mrc_validity.py --metric lpips --lpips_random   # random AlexNet trunk (no weights)
@@ -44,9 +45,13 @@ from carve3d_trl.synthetic import (  # noqa: E402
     CAMERA_DISTORTIONS,
     DISTORTIONS,
     OracleReconstructor,
+    TrueGeometryReconstructor,
     ValidityResult,
     consistent_views,
+    object_depth,
+    render_object,
     run_validity_study,
+    study_objects,
 )
 
 
@@ -71,7 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--lpips_seeds", type=int, nargs="+", default=[0], help="torch seeds of the random LPIPS trunks, one run each"
     )
-    parser.add_argument("--reconstructor", choices=["visual_hull", "radiance_field", "oracle"], default="visual_hull")
+    parser.add_argument(
+        "--reconstructor", choices=["visual_hull", "radiance_field", "oracle", "true_geometry"], default="visual_hull"
+    )
     parser.add_argument("--protocol", choices=["held_out", "same_view"], default="held_out")
     parser.add_argument("--objects", type=int, default=8)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -131,6 +138,13 @@ def main() -> None:
     if args.reconstructor == "oracle":
         oracle = OracleReconstructor(consistent_views(layout, args.objects, args.view_size, args.object_seed))
         reconstructors = {seed: oracle for seed in args.seeds}
+    elif args.reconstructor == "true_geometry":
+        objects = study_objects(args.objects, args.object_seed)
+        consistent = torch.stack([render_object(obj, layout, args.view_size) for obj in objects])
+        depths = torch.stack([object_depth(obj, layout, args.view_size) for obj in objects])
+        painter = VisualHullReconstructor(args.protocol, **args.reconstructor_kwargs)
+        truth = TrueGeometryReconstructor(consistent, depths, painter)
+        reconstructors = {seed: truth for seed in args.seeds}
     elif args.reconstructor == "visual_hull":
         deterministic = CachedReconstructor(VisualHullReconstructor(args.protocol, **args.reconstructor_kwargs))
         reconstructors = {seed: deterministic for seed in args.seeds}
@@ -140,7 +154,8 @@ def main() -> None:
             seed: CachedReconstructor(RadianceFieldReconstructor(seed=seed, **kwargs)) for seed in args.seeds
         }
     setting = "oracle" if args.reconstructor == "oracle" else args.protocol
-    prefix = "visual_hull_" if args.reconstructor == "visual_hull" else ""  # earlier files: the radiance field
+    prefix = {"visual_hull": "visual_hull_", "true_geometry": "true_geometry_"}.get(args.reconstructor, "")
+    # (earlier files, without a prefix: the radiance field and the oracle)
     runs = []  # (metric, LPIPS trunk seed or None, name)
     for metric in args.metric:
         if metric == "lpips" and args.lpips_random:

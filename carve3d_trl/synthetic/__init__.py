@@ -5,8 +5,16 @@ strength, and `validity` measures how MRC (`carve3d_trl.rewards.MRCReward`) foll
 """
 
 from .distortions import CAMERA_DISTORTIONS, DISTORTIONS, distort_views, moved_camera
-from .objects import Primitive, SyntheticObject, random_object, render_object
-from .validity import OracleReconstructor, ValidityResult, consistent_views, run_validity_study, spearman
+from .objects import Primitive, SyntheticObject, object_depth, random_object, render_object
+from .validity import (
+    OracleReconstructor,
+    TrueGeometryReconstructor,
+    ValidityResult,
+    consistent_views,
+    run_validity_study,
+    spearman,
+    study_objects,
+)
 
 __all__ = [
     "CAMERA_DISTORTIONS",
@@ -14,12 +22,15 @@ __all__ = [
     "OracleReconstructor",
     "Primitive",
     "SyntheticObject",
+    "TrueGeometryReconstructor",
     "ValidityResult",
     "consistent_views",
     "distort_views",
     "moved_camera",
+    "object_depth",
     "random_object",
     "render_object",
     "run_validity_study",
     "spearman",
+    "study_objects",
 ]

@@ -20,6 +20,7 @@ from ..rewards.rays import camera_rays, intersect_box
 __all__ = [
     "Primitive",
     "SyntheticObject",
+    "object_depth",
     "random_object",
     "render_object",
 ]
@@ -152,18 +153,33 @@ def render_object(
     return _render(obj, layout.cam2world, layout.intrinsics, height, width, layout.background, supersample)
 
 
-def _render(obj, cam2world, intrinsics, height, width, background, supersample) -> torch.Tensor:
-    num_views = cam2world.shape[0]
-    origins, directions = camera_rays(cam2world, intrinsics, height * supersample, width * supersample)
-    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+def object_depth(obj: SyntheticObject, layout: CameraLayout, view_size: int | tuple[int, int]) -> torch.Tensor:
+    """The true geometry of `obj` as the reconstructors see it: the distance `(V, h * w)` from each camera of
+    `layout` to the object's surface along the ray through each pixel's centre (`inf` where the ray misses it)."""
+    height, width = (view_size, view_size) if isinstance(view_size, int) else view_size
+    origins, directions = camera_rays(layout.cam2world, layout.intrinsics, height, width)
+    t, surface = _trace(obj, origins.reshape(-1, 3), directions.reshape(-1, 3))[:2]
+    return torch.where(surface, t, torch.full_like(t, float("inf"))).view(layout.num_views, height * width)
+
+
+def _trace(obj: SyntheticObject, origins: torch.Tensor, directions: torch.Tensor):
+    """Sphere-trace rays `(N, 3)`: distance `(N,)`, whether it reached the surface `(N,)`, and the signed distances
+    `(N, P)` of the end points to each primitive."""
     near, far, hit = intersect_box(origins, directions, _SCENE_BOUND)
     t = near.clone()
     for _ in range(_TRACE_STEPS):
         distance = _object_sdf(obj, origins + directions * t[:, None]).amin(dim=1)
         t = torch.where(hit & (t < far), t + distance.clamp_min(1e-4), t)
+    per_primitive = _object_sdf(obj, origins + directions * t[:, None])
+    return t, hit & (t < far) & (per_primitive.amin(dim=1) < 2e-3), per_primitive
+
+
+def _render(obj, cam2world, intrinsics, height, width, background, supersample) -> torch.Tensor:
+    num_views = cam2world.shape[0]
+    origins, directions = camera_rays(cam2world, intrinsics, height * supersample, width * supersample)
+    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+    t, surface, per_primitive = _trace(obj, origins, directions)
     points = origins + directions * t[:, None]
-    per_primitive = _object_sdf(obj, points)
-    surface = hit & (t < far) & (per_primitive.amin(dim=1) < 2e-3)
     shade = _shading(obj, points)
     albedo = _albedo(obj, points, per_primitive.argmin(dim=1))
     bg = torch.tensor(background, dtype=torch.float32)

@@ -2,7 +2,8 @@
 
 `run_validity_study` scores random objects with one view distorted at increasing strengths and measures how MRC
 follows the strength; `OracleReconstructor` (a perfect reconstruction, with `consistent_views`) makes the study
-measure the metric alone.
+measure the metric alone, `TrueGeometryReconstructor` (the visual hull's painting on the true geometry) what a
+perfect geometry would give.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ import torch
 from ..rewards.cameras import CameraLayout
 from ..rewards.mrc import MRCReward
 from .distortions import DISTORTIONS, distort_views
-from .objects import random_object, render_object
+from .objects import SyntheticObject, random_object, render_object
 
-__all__ = ["OracleReconstructor", "ValidityResult", "consistent_views", "run_validity_study", "spearman"]
+__all__ = [
+    "OracleReconstructor",
+    "TrueGeometryReconstructor",
+    "ValidityResult",
+    "consistent_views",
+    "run_validity_study",
+    "spearman",
+    "study_objects",
+]
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -93,8 +102,7 @@ def run_validity_study(
     """
     if levels[0] != 0.0:
         raise ValueError("The first level must be 0 (consistent views).")
-    generator = torch.Generator().manual_seed(object_seed)
-    objects = [random_object(generator) for _ in range(num_objects)]
+    objects = study_objects(num_objects, object_seed)
     consistent = [render_object(obj, layout, view_size) for obj in objects]
     distorted = torch.stack(
         [
@@ -135,8 +143,8 @@ class OracleReconstructor:
         self.consistent = consistent
         self.untouched = [v for v in range(consistent.shape[1]) if v != view_index]
 
-    def reconstruct(self, views: torch.Tensor, layout: CameraLayout) -> torch.Tensor:
-        """The consistent views `(B, V, 3, h, w)` of the object whose untouched views equal those of each set.
+    def match(self, views: torch.Tensor) -> torch.Tensor:
+        """The index `(B,)` of the object whose untouched views equal those of each set `(B, V, 3, h, w)`.
 
         Raises `ValueError` when a set's untouched views match no object's.
         """
@@ -145,10 +153,40 @@ class OracleReconstructor:
         nearest, match = distance.min(dim=1)
         if nearest.max() > 1e-6:
             raise ValueError("A set's untouched views match no object's consistent views.")
-        return self.consistent[match]
+        return match
+
+    def reconstruct(self, views: torch.Tensor, layout: CameraLayout) -> torch.Tensor:
+        """The consistent views `(B, V, 3, h, w)` of each set's object (`match`)."""
+        return self.consistent[self.match(views)]
+
+
+class TrueGeometryReconstructor(OracleReconstructor):
+    """The visual hull's painting on each set's true geometry instead of its hull: what a reconstruction whose
+    geometry were perfect would give (the views still paint it, distorted view included).
+
+    Args:
+        consistent (`torch.Tensor` of shape `(objects, V, 3, h, w)`): The undistorted views of every object.
+        depths (`torch.Tensor` of shape `(objects, V, h * w)`): Each object's `object_depth` at the layout.
+        view_index (`int`): The view the study distorts.
+        painter (`VisualHullReconstructor`): Whose painting (protocol, colour settings) to use.
+    """
+
+    def __init__(self, consistent: torch.Tensor, depths: torch.Tensor, painter, view_index: int = 0):
+        super().__init__(consistent, view_index)
+        self.depths = depths
+        self.painter = painter
+
+    def reconstruct(self, views: torch.Tensor, layout: CameraLayout) -> torch.Tensor:
+        """Renders `(B, V, 3, h, w)` of each set's views painted on its object's true geometry."""
+        return self.painter.reconstruct(views, layout, depth=self.depths[self.match(views)])
+
+
+def study_objects(num_objects: int, object_seed: int) -> list[SyntheticObject]:
+    """The study's random objects (the draw of `run_validity_study`)."""
+    generator = torch.Generator().manual_seed(object_seed)
+    return [random_object(generator) for _ in range(num_objects)]
 
 
 def consistent_views(layout: CameraLayout, num_objects: int, view_size: int, object_seed: int) -> torch.Tensor:
-    """The undistorted views `(objects, V, 3, h, w)` of the study's objects (the draw of `run_validity_study`)."""
-    generator = torch.Generator().manual_seed(object_seed)
-    return torch.stack([render_object(random_object(generator), layout, view_size) for _ in range(num_objects)])
+    """The undistorted views `(objects, V, 3, h, w)` of the study's objects (`study_objects`)."""
+    return torch.stack([render_object(obj, layout, view_size) for obj in study_objects(num_objects, object_seed)])

@@ -113,6 +113,18 @@ def test_batch_equals_samples_one_by_one_and_is_deterministic(layout, objects):
     torch.testing.assert_close(VisualHullReconstructor().reconstruct(views, layout), batched, atol=0, rtol=0)
 
 
+def test_a_given_depth_is_painted_instead_of_the_hull(layout, red_sphere):
+    reconstructor = VisualHullReconstructor()
+    hull = reconstructor.reconstruct(red_sphere[None], layout)
+    depth = torch.full((1, 4, 32 * 32), float("inf"))
+    depth[:, :, : 16 * 32] = 2.0  # the upper half of every view: a surface 2 units from the camera
+    renders = reconstructor.reconstruct(red_sphere[None], layout, depth=depth)
+    assert (renders[..., 16:, :] == 1).all()  # nothing below: the background
+    assert not torch.equal(renders, hull)
+    with pytest.raises(ValueError, match=r"depth must have shape \(B, V, h \* w\)"):
+        reconstructor.reconstruct(red_sphere[None], layout, depth=depth[..., :100])
+
+
 def test_views_larger_than_the_render_size_are_downsampled(layout, objects):
     views = render_object(objects[0], layout, 48)[None]
     renders = VisualHullReconstructor(render_size=24).reconstruct(views, layout)

@@ -9,6 +9,7 @@ from carve3d_trl.synthetic import (
     SyntheticObject,
     distort_views,
     moved_camera,
+    object_depth,
     random_object,
     render_object,
 )
@@ -48,6 +49,21 @@ def test_sphere_silhouette_matches_its_projection():
     half_width = 64 * focal * torch.tan(torch.asin(torch.tensor(0.5 / 2.5)))
     width = foreground_mask(views)[0, 32].sum()
     assert abs(float(width) - 2 * float(half_width)) <= 2
+
+
+def test_object_depth_is_the_distance_to_the_surface_inside_the_silhouette(scene):
+    layout, obj, views = scene
+    depth = object_depth(obj, layout, 32)
+    assert depth.shape == (4, 32 * 32)
+    hit = depth.isfinite().view(4, 32, 32)
+    mask = foreground_mask(views)
+    interior = -torch.nn.functional.max_pool2d(-mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0.5
+    assert (hit <= mask).all() and (interior <= hit).all()  # the silhouettes agree but for anti-aliased edges
+    sphere = SyntheticObject((Primitive("sphere", (0.0, 0.0, 0.0), (0.5,)),))
+    centre = object_depth(sphere, layout, 3)[:, 4]  # the middle pixel's ray is the optical axis
+    camera_distance = layout.cam2world[:, :3, 3].norm(dim=-1)
+    # the sphere tracer's minimum step (1e-4) carries it up to 96 steps past the surface, as in the renders
+    assert ((centre - (camera_distance - 0.5)) >= 0).all() and ((centre - (camera_distance - 0.5)) < 0.01).all()
 
 
 @pytest.mark.parametrize("kind", DISTORTIONS)

@@ -3,15 +3,19 @@
 import math
 
 import pytest
+import torch
 
 from carve3d_trl.rewards import MRCReward, RadianceFieldReconstructor, VisualHullReconstructor, instant3d_layout
 from carve3d_trl.synthetic import (
     CAMERA_DISTORTIONS,
     DISTORTIONS,
     OracleReconstructor,
+    TrueGeometryReconstructor,
     consistent_views,
+    object_depth,
     run_validity_study,
     spearman,
+    study_objects,
 )
 
 
@@ -70,4 +74,27 @@ def test_the_oracle_scores_consistent_views_as_perfect():
     for kind in DISTORTIONS:
         assert result.mrc[kind][:, 0].abs().max() == 0, kind  # the oracle renders consistent views exactly
         assert (result.mrc[kind][:, 1:] > 0).all(), kind
+        assert result.spearman[kind] == pytest.approx(1.0), (kind, result.mrc[kind])
+
+
+def test_the_true_geometry_paints_consistent_views_closer_than_the_hull_and_ranks_every_distortion():
+    # bench_mrc_validity's --reconstructor true_geometry: what a perfect geometry would give the visual hull's painting
+    layout = instant3d_layout()
+    objects = study_objects(2, object_seed=0)
+    consistent = consistent_views(layout, num_objects=2, view_size=32, object_seed=0)
+    depths = torch.stack([object_depth(obj, layout, 32) for obj in objects])
+    truth = TrueGeometryReconstructor(consistent, depths, VisualHullReconstructor())
+    hull_error = MRCReward(layout, VisualHullReconstructor(), metric="mse").score_views(consistent)[1]["mrc"]
+    true_error = MRCReward(layout, truth, metric="mse").score_views(consistent)[1]["mrc"]
+    assert (true_error < hull_error).all(), (true_error, hull_error)
+    result = run_validity_study(
+        lambda seed: MRCReward(layout, truth, metric="mse"),
+        layout,
+        num_objects=2,
+        levels=(0.0, 0.5, 1.0),
+        distortions=DISTORTIONS + CAMERA_DISTORTIONS,
+        view_size=32,
+        seeds=(0,),
+    )
+    for kind in DISTORTIONS + CAMERA_DISTORTIONS:
         assert result.spearman[kind] == pytest.approx(1.0), (kind, result.mrc[kind])

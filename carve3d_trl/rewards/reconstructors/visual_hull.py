@@ -108,12 +108,18 @@ class VisualHullReconstructor:
         self._geometry: _RayGeometry | None = None
 
     @torch.no_grad()
-    def reconstruct(self, views: torch.Tensor, layout: CameraLayout) -> torch.Tensor:
+    def reconstruct(
+        self, views: torch.Tensor, layout: CameraLayout, depth: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Carve the hull of each sample's views and render it at the layout's cameras.
 
         Args:
             views (`torch.Tensor` of shape `(B, V, 3, h, w)`): Views in [0, 1], on any device.
             layout (`CameraLayout`): Their cameras.
+            depth (`torch.Tensor` of shape `(B, V, h' * w')`, *optional*): A known geometry to paint instead of the
+                hull: the distance from each camera to the surface along the ray through each render pixel's centre
+                (`inf` where it misses; e.g. `carve3d_trl.synthetic.object_depth`, to measure what a perfect geometry
+                would give).
 
         Returns:
             `torch.Tensor` of shape `(B, V, 3, h', w')` in [0, 1], `max(h', w') = min(max(h, w), render_size)`.
@@ -122,13 +128,18 @@ class VisualHullReconstructor:
         if num_views != layout.num_views:
             raise ValueError(f"Got {num_views} views for a layout of {layout.num_views} cameras.")
         size = scaled_size(height, width, self.render_size)
+        if depth is not None and depth.shape != (batch, num_views, size[0] * size[1]):
+            raise ValueError(
+                f"depth must have shape (B, V, h * w) = {(batch, num_views, size[0] * size[1])} at the render size "
+                f"{size}, got {tuple(depth.shape)}."
+            )
         if size != (height, width):
             views = F.interpolate(views.flatten(0, 1), size=size, mode="bilinear", antialias=True)
             views = views.view(batch, num_views, 3, *size).clamp(0, 1)
         geometry = self._ray_geometry(layout, size, views.device)
         masks = foreground_mask(views, layout.background)  # (B, V, h, w)
         colours = _bleed(views, masks, self.colour_bleed)
-        depth = self._first_hull_points(geometry, masks)
+        depth = self._first_hull_points(geometry, masks) if depth is None else depth.to(views.device)
         background = torch.tensor(layout.background, device=views.device, dtype=views.dtype)
         renders, only_own = map(torch.stack, zip(*(self._paint(geometry, depth[b], colours[b]) for b in range(batch))))
         renders = torch.where(depth.isfinite()[:, :, None], renders, background.view(1, 1, 3, 1))  # (B, V, 3, N)
