@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0, help="Classifier-free guidance scale.")
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="LoRA learning rate.")
     parser.add_argument("--kl_coeff", type=float, default=0.2, help="kl_normalized_coeff of the KL run.")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["kl", "no_kl"],
+        choices=("kl", "no_kl"),
+        help="Which RL runs: with the KL penalty, without it (default: both).",
+    )
     parser.add_argument("--metric", default="psnr", choices=("psnr", "mse", "lpips"), help="MRC's image metric.")
     parser.add_argument(
         "--reconstructor",
@@ -387,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     histories = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, use_kl in (("RL + KL", True), ("RL, no KL", False)):
+        runs = {"kl": ("RL + KL", True), "no_kl": ("RL, no KL", False)}
+        for name, use_kl in (runs[run] for run in dict.fromkeys(args.runs)):
             run_start = time.time()
             run_reward = make_reward(args.reconstructor, args.reconstructor_kwargs)
             trainer = rl_run(args, train_prompts, use_kl, run_reward, Path(tmp))
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             images, kl = sample_with_kl(pipe, prompts, sample_seeds, reference=pipe, **sampling)
             results[name] = evaluate(images, kl, scorers, prompts, *num)
             timings[f"evaluate {name}"] = time.time() - run_start - timings[f"train {name}"]
-    results = {name: results[name] for name in SOURCES}
+    results = {name: results[name] for name in SOURCES if name in results}
     higher = reward.metric.higher_is_better
     stats = summary(results, higher)
     timings["total"] = time.time() - start

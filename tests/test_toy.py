@@ -152,6 +152,9 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
     args += ["--eval_seeds", "2", "--steps", "2", "--reconstructor", reconstructor]
     if reconstructor == "radiance_field":
         args += ["--reconstructor_kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
+    runs = ["RL + KL", "RL, no KL"] if family == "grid" else ["RL + KL"]
+    if family == "view_batched":
+        args += ["--runs", "kl"]
     args += ["--check_reconstructor_kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
     run_script("benchmarks/bench_replication.py", *args, "--out", str(out))
     report = json.loads(Path(f"{out}.json").read_text())
@@ -159,7 +162,7 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
     assert json.loads(report["settings"]["reconstructor_kwargs"]) == (
         CHEAP_RECONSTRUCTOR if reconstructor == "radiance_field" else {}
     )
-    assert list(report["summary"]) == ["data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT"]
+    assert list(report["summary"]) == ["data", "base (short SFT)", *runs, "long SFT"]
     assert not set(report["train_prompts"]) & set(report["val_prompts"])
     stats = report["summary"]
     assert stats["base (short SFT)"]["kl_mean"] == 0 and stats["base (short SFT)"]["mrc_change_mean"] == 0
@@ -169,7 +172,8 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
     for s in stats.values():
         assert all(0 <= s[f"{k}_mean"] <= 1 for k in ("color_adherence", "shape_adherence", "border"))
     assert stats["data"]["color_adherence_mean"] >= 0.5  # renders of the captions' scenes
-    for name in ("RL + KL", "RL, no KL"):
+    assert list(report["histories"]) == runs
+    for name in runs:
         assert len(report["histories"][name]) == 2 and "kl_mean" in report["histories"][name][0]
     for suffix in ("curves", "summary", "samples"):
         assert Path(f"{out}_{suffix}.png").stat().st_size > 0
