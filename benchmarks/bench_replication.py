@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="LoRA learning rate.")
     parser.add_argument("--kl_coeff", type=float, default=0.2, help="kl_normalized_coeff of the KL run.")
     parser.add_argument(
+        "--random_reward",
+        action="store_true",
+        help="A control: the RL runs train on seeded random rewards instead of MRC (how far RL's updates alone move "
+        "the model); MRC still scores the evaluation.",
+    )
+    parser.add_argument(
         "--runs",
         nargs="+",
         default=["kl", "no_kl"],
@@ -180,6 +186,19 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------- RL runs
+
+
+class RandomReward:
+    """A control reward: `reward`'s metadata (its MRC is still logged) with seeded standard-normal rewards, so the RL
+    updates carry no signal."""
+
+    def __init__(self, reward, seed: int):
+        self.reward = reward
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images, prompts, metadata):
+        rewards, info = self.reward(images, prompts, metadata)
+        return torch.randn(len(rewards), generator=self.generator), info
 
 
 def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workdir: Path):
@@ -398,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, use_kl in (runs[run] for run in dict.fromkeys(args.runs)):
             run_start = time.time()
             run_reward = make_reward(args.reconstructor, args.reconstructor_kwargs)
+            if args.random_reward:
+                run_reward = RandomReward(run_reward, args.seed)
             trainer = rl_run(args, train_prompts, use_kl, run_reward, Path(tmp))
             histories[name] = trainer.history
             timings[f"train {name}"] = time.time() - run_start

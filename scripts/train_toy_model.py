@@ -68,6 +68,7 @@ from carve3d_trl.toy.model import SINGLE_VIEW_SIZE, TOY_IMAGE_SIZE, build_toy_pi
 from carve3d_trl.toy.training import (  # noqa: E402
     DenoiserSchedule,
     caption_vocabulary,
+    checkpoint_saver,
     encode_images,
     save_pipeline,
     token_ids,
@@ -119,16 +120,9 @@ def fine_tune_grid(pipeline, latents: torch.Tensor, captions: list[str], args, g
     def predict(noisy, timesteps, caption_ids):
         return unet(noisy, timesteps, embeddings[caption_ids]).sample
 
-    snapshot_dir = args.snapshot_dir or args.output_dir / "snapshots"
-
-    def on_step(step: int) -> None:
-        if args.snapshot_every and step % args.snapshot_every == 0:
-            save_pipeline(pipeline, snapshot_dir / f"step_{step}")
-        if step == args.short_steps:
-            save_pipeline(pipeline, args.output_dir / "short")
-        if step == args.grid_steps:
-            save_pipeline(pipeline, args.output_dir / "long")
-
+    on_step = checkpoint_saver(
+        pipeline, args.output_dir, args.short_steps, args.grid_steps, args.snapshot_every, args.snapshot_dir
+    )
     schedule = DenoiserSchedule(
         steps=args.grid_steps,
         batch_size=args.batch_size,

@@ -59,8 +59,8 @@ import torch  # noqa: E402
 from carve3d_trl.toy.training import (  # noqa: E402
     DenoiserSchedule,
     caption_vocabulary,
+    checkpoint_saver,
     encode_images,
-    save_pipeline,
     token_ids,
     train_denoiser,
 )
@@ -96,16 +96,9 @@ def train_unet(pipeline, latents, captions, args: argparse.Namespace, generator:
         conditioning = {"prompt_embeds": embeddings[caption_ids], "camera": camera}
         return conditioner.predict_noise(unet, noisy, timesteps, conditioning)
 
-    snapshot_dir = args.snapshot_dir or args.output_dir / "snapshots"
-
-    def on_step(step: int) -> None:
-        if args.snapshot_every and step % args.snapshot_every == 0:
-            save_pipeline(pipeline, snapshot_dir / f"step_{step}")
-        if step == args.short_steps:
-            save_pipeline(pipeline, args.output_dir / "short")
-        if step == args.unet_steps:
-            save_pipeline(pipeline, args.output_dir / "long")
-
+    on_step = checkpoint_saver(
+        pipeline, args.output_dir, args.short_steps, args.unet_steps, args.snapshot_every, args.snapshot_dir
+    )
     schedule = DenoiserSchedule(
         steps=args.unet_steps,
         batch_size=args.batch_size,

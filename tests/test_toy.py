@@ -154,11 +154,12 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
         args += ["--reconstructor_kwargs", json.dumps(CHEAP_RECONSTRUCTOR)]
     runs = ["RL + KL", "RL, no KL"] if family == "grid" else ["RL + KL"]
     if family == "view_batched":
-        args += ["--runs", "kl"]
+        args += ["--runs", "kl", "--random_reward"]
     args += ["--check_reconstructor_kwargs", json.dumps({**CHEAP_RECONSTRUCTOR, "protocol": "same_view"})]
     run_script("benchmarks/bench_replication.py", *args, "--out", str(out))
     report = json.loads(Path(f"{out}.json").read_text())
     assert report["settings"]["reconstructor"] == reconstructor
+    assert report["settings"]["random_reward"] == (family == "view_batched")
     assert json.loads(report["settings"]["reconstructor_kwargs"]) == (
         CHEAP_RECONSTRUCTOR if reconstructor == "radiance_field" else {}
     )

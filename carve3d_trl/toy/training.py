@@ -23,6 +23,7 @@ from ..atomic import atomic_directory
 from ..rewards.crop import foreground_mask
 
 __all__ = [
+    "checkpoint_saver",
     "DenoiserSchedule",
     "caption_vocabulary",
     "encode_images",
@@ -209,3 +210,27 @@ def save_pipeline(pipeline, path: str | Path) -> None:
     with atomic_directory(path) as tmp:
         copy_.save_pretrained(tmp, safe_serialization=True)
     logger.info("saved %s", path)
+
+
+def checkpoint_saver(
+    pipeline,
+    output_dir: Path,
+    short_steps: int,
+    long_steps: int,
+    snapshot_every: int = 0,
+    snapshot_dir: Path | None = None,
+) -> Callable[[int], None]:
+    """An `on_step` for `train_denoiser` that saves `pipeline` (`save_pipeline`) as `output_dir/short` after
+    `short_steps` steps, as `output_dir/long` after `long_steps`, and every `snapshot_every` steps (0: never) as
+    `snapshot_dir/step_<N>` (default `output_dir/snapshots`)."""
+    snapshot_dir = snapshot_dir or output_dir / "snapshots"
+
+    def on_step(step: int) -> None:
+        if snapshot_every and step % snapshot_every == 0:
+            save_pipeline(pipeline, snapshot_dir / f"step_{step}")
+        if step == short_steps:
+            save_pipeline(pipeline, output_dir / "short")
+        if step == long_steps:
+            save_pipeline(pipeline, output_dir / "long")
+
+    return on_step
