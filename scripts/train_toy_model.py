@@ -43,12 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grid_steps", type=int, default=800, help="Stage 2 steps of the long-SFT checkpoint.")
     parser.add_argument("--batch_size", type=int, default=32, help="Grids per stage 2 step.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="Stage 2 AdamW rate.")
-    parser.add_argument("--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps.")
-    parser.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain MSE).")
-    parser.add_argument("--empty_caption_rate", type=float, default=0.1, help="Captions dropped for CFG.")
     parser.add_argument("--snapshot_every", type=int, default=0, help="Also save every N stage 2 steps (0: never).")
     parser.add_argument("--snapshot_dir", type=Path, help="Where the snapshots go (default: output_dir/snapshots).")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
+    add_schedule_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.short_steps <= args.grid_steps:
         parser.error(f"--short_steps must be in [1, --grid_steps = {args.grid_steps}], got {args.short_steps}.")
@@ -66,9 +64,10 @@ from carve3d_trl.rewards import instant3d_layout, tile_views  # noqa: E402
 from carve3d_trl.toy.data import random_scene, render_random_views, turned_and_mirrored  # noqa: E402
 from carve3d_trl.toy.model import SINGLE_VIEW_SIZE, TOY_IMAGE_SIZE, build_toy_pipeline  # noqa: E402
 from carve3d_trl.toy.training import (  # noqa: E402
-    DenoiserSchedule,
+    add_schedule_arguments,
     caption_vocabulary,
     checkpoint_saver,
+    denoiser_schedule,
     encode_images,
     save_pipeline,
     token_ids,
@@ -91,14 +90,7 @@ def pretrain(pipeline, views: torch.Tensor, captions: list[str], args, generator
     def predict(noisy, timesteps, caption_ids):
         return unet(noisy, timesteps, text_encoder(ids[caption_ids])[0]).sample
 
-    schedule = DenoiserSchedule(
-        steps=args.pretrain_steps,
-        batch_size=args.pretrain_batch_size,
-        learning_rate=args.pretrain_learning_rate,
-        warmup_steps=args.warmup_steps,
-        snr_gamma=args.snr_gamma,
-        empty_caption_rate=args.empty_caption_rate,
-    )
+    schedule = denoiser_schedule(args, args.pretrain_steps, args.pretrain_batch_size, args.pretrain_learning_rate)
     latents = views * pipeline.vae.config.scaling_factor
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     train_denoiser(
@@ -123,14 +115,7 @@ def fine_tune_grid(pipeline, latents: torch.Tensor, captions: list[str], args, g
     on_step = checkpoint_saver(
         pipeline, args.output_dir, args.short_steps, args.grid_steps, args.snapshot_every, args.snapshot_dir
     )
-    schedule = DenoiserSchedule(
-        steps=args.grid_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        snr_gamma=args.snr_gamma,
-        empty_caption_rate=args.empty_caption_rate,
-    )
+    schedule = denoiser_schedule(args, args.grid_steps, args.batch_size, args.learning_rate)
     latents = latents * pipeline.vae.config.scaling_factor
     train_denoiser(
         predict, unet.parameters(), latents, caption_index, len(vocabulary) - 1, pipeline.scheduler.config, schedule,

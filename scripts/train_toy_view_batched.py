@@ -38,13 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unet_steps", type=int, default=1000, help="UNet steps of the long-SFT checkpoint.")
     parser.add_argument("--batch_size", type=int, default=24, help="Objects (of 4 views) per UNet step.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="UNet AdamW learning rate.")
-    parser.add_argument("--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps.")
-    parser.add_argument("--final_lr_fraction", type=float, default=0.1, help="Cosine decay to this rate fraction.")
-    parser.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain MSE).")
-    parser.add_argument("--empty_caption_rate", type=float, default=0.1, help="Captions dropped for CFG.")
     parser.add_argument("--snapshot_every", type=int, default=0, help="Also save every N UNet steps (0: never).")
     parser.add_argument("--snapshot_dir", type=Path, help="Where the snapshots go (default: output_dir/snapshots).")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
+    add_schedule_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.short_steps <= args.unet_steps:
         parser.error(f"--short_steps must be in [1, --unet_steps = {args.unet_steps}], got {args.short_steps}.")
@@ -57,9 +54,10 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from carve3d_trl.toy.training import (  # noqa: E402
-    DenoiserSchedule,
+    add_schedule_arguments,
     caption_vocabulary,
     checkpoint_saver,
+    denoiser_schedule,
     encode_images,
     token_ids,
     train_denoiser,
@@ -99,15 +97,7 @@ def train_unet(pipeline, latents, captions, args: argparse.Namespace, generator:
     on_step = checkpoint_saver(
         pipeline, args.output_dir, args.short_steps, args.unet_steps, args.snapshot_every, args.snapshot_dir
     )
-    schedule = DenoiserSchedule(
-        steps=args.unet_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        final_lr_fraction=args.final_lr_fraction,
-        snr_gamma=args.snr_gamma,
-        empty_caption_rate=args.empty_caption_rate,
-    )
+    schedule = denoiser_schedule(args, args.unet_steps, args.batch_size, args.learning_rate)
     latents = latents * pipeline.vae.config.scaling_factor
     train_denoiser(
         predict, unet.parameters(), latents, caption_index, len(vocabulary) - 1, pipeline.scheduler.config, schedule,

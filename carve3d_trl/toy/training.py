@@ -9,6 +9,7 @@ family's conditioning (text encoder or cached embeddings, camera inputs).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
@@ -23,7 +24,9 @@ from ..atomic import atomic_directory
 from ..rewards.crop import foreground_mask
 
 __all__ = [
+    "add_schedule_arguments",
     "checkpoint_saver",
+    "denoiser_schedule",
     "DenoiserSchedule",
     "caption_vocabulary",
     "encode_images",
@@ -210,6 +213,28 @@ def save_pipeline(pipeline, path: str | Path) -> None:
     with atomic_directory(path) as tmp:
         copy_.save_pretrained(tmp, safe_serialization=True)
     logger.info("saved %s", path)
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the diffusion loop's shared options to a training script's parser (`denoiser_schedule` reads them)."""
+    parser.add_argument("--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps.")
+    parser.add_argument("--final_lr_fraction", type=float, default=0.1, help="Cosine decay to this rate fraction.")
+    parser.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain MSE).")
+    parser.add_argument("--empty_caption_rate", type=float, default=0.1, help="Captions dropped for CFG.")
+
+
+def denoiser_schedule(args: argparse.Namespace, steps: int, batch_size: int, learning_rate: float) -> DenoiserSchedule:
+    """The `DenoiserSchedule` of `steps` steps of `batch_size` at `learning_rate`, with the options of
+    `add_schedule_arguments`."""
+    return DenoiserSchedule(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=args.warmup_steps,
+        final_lr_fraction=args.final_lr_fraction,
+        snr_gamma=args.snr_gamma,
+        empty_caption_rate=args.empty_caption_rate,
+    )
 
 
 def checkpoint_saver(
