@@ -27,8 +27,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,9 +46,11 @@ from harness import (
     prompt_cycle,
     quiet_and_single_threaded,
     reset_peak_rss,
+    run_memory_child,
     spread,
     stopwatch,
     synchronize,
+    workload_flags,
 )
 
 FAMILIES = ("sd", "sdxl")
@@ -187,22 +187,10 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_memory_subprocesses(args: argparse.Namespace, models: dict[str, Path]) -> list[dict[str, Any]]:
     """One fresh Python process per family (this script with `--memory_family`)."""
-    shared = [
-        f"--image_size={args.image_size}",
-        f"--vae_blocks={args.vae_blocks}",
-        f"--steps={args.steps}",
-        f"--sample_batch_size={args.sample_batch_size}",
-        f"--batches_per_epoch={args.batches_per_epoch}",
-        f"--train_batch_size={args.train_batch_size}",
-    ]
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     results = []
     for family in FAMILIES:
-        command = [sys.executable, str(Path(__file__).resolve()), f"--memory_family={family}", *shared]
-        done = subprocess.run([*command, f"--model_dir={models[family]}"], capture_output=True, text=True, env=env)
-        if done.returncode:
-            raise RuntimeError(f"memory run {family} failed:\n{done.stderr[-4000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        flags = [f"--memory_family={family}", *workload_flags(args), f"--model_dir={models[family]}"]
+        results.append(run_memory_child(__file__, flags, family))
         log(f"memory {family}: {results[-1]['phases']}")
     return results
 

@@ -34,8 +34,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,9 +55,11 @@ from harness import (
     prompt_cycle,
     quiet_and_single_threaded,
     reset_peak_rss,
+    run_memory_child,
     spread,
     stopwatch,
     unets_in_memory,
+    workload_flags,
 )
 
 MEMORY_VARIANTS = ("lora-kl-off", "lora-kl-on", "full-kl-off", "full-kl-on")
@@ -215,26 +215,14 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 def run_memory_subprocesses(args: argparse.Namespace, model_dir: Path) -> list[dict[str, Any]]:
     """Run every memory variant in its own fresh Python process (this script with `--memory_variant`)."""
     shared = [
-        f"--image_size={args.image_size}",
-        f"--vae_blocks={args.vae_blocks}",
-        f"--steps={args.steps}",
-        f"--sample_batch_size={args.sample_batch_size}",
-        f"--batches_per_epoch={args.batches_per_epoch}",
-        f"--train_batch_size={args.train_batch_size}",
+        *workload_flags(args),
         f"--memory_epochs={args.memory_epochs}",
         f"--model_dir={model_dir}",
         *model_flags(args),  # the children load the saved model; what they use of these is the precision
     ]
-    # Large blocks come from mmap and go back to the OS when freed, so the RSS follows the live tensors (as CUDA's
-    # allocated bytes do) instead of glibc's free lists; without it, the same run's peak varies by +-10%.
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     results = []
     for variant in MEMORY_VARIANTS:
-        command = [sys.executable, str(Path(__file__).resolve()), f"--memory_variant={variant}", *shared]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode:
-            raise RuntimeError(f"memory variant {variant} failed:\n{done.stderr[-4000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(run_memory_child(__file__, [f"--memory_variant={variant}", *shared], variant))
         log(f"memory {variant}: peak {results[-1]['peak_mb']:.0f} MB")
     return results
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +31,7 @@ from harness import (
     prompt_cycle,
     quiet_and_single_threaded,
     reset_peak_rss,
+    run_memory_child,
     spread,
     stopwatch,
     synchronize,
@@ -159,15 +158,11 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 def memory_table(args: argparse.Namespace, models: dict[str, Path]) -> str:
     shared = [f"--steps={args.steps}", f"--sample_batch_size={args.sample_batch_size}"]
     shared += [f"--batches_per_epoch={args.batches_per_epoch}", f"--train_batch_size={args.train_batch_size}"]
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     results = {}
     for variant in VARIANTS:
         model = models[variant.split(",")[0]]
-        command = [sys.executable, str(Path(__file__).resolve()), f"--memory_variant={variant}", *shared]
-        done = subprocess.run([*command, f"--model_dir={model}"], capture_output=True, text=True, env=env)
-        if done.returncode:
-            raise RuntimeError(f"memory run {variant} failed:\n{done.stderr[-4000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        flags = [f"--memory_variant={variant}", *shared, f"--model_dir={model}"]
+        results[variant] = run_memory_child(__file__, flags, variant)
         log(f"memory {variant}: {results[variant]}")
     kind = next(iter(results.values()))["kind"]
     rows = [f"| Variant | {kind} before the epoch, MB | Peak {kind}, MB | Peak - before, MB |", "|---|---|---|---|"]

@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import logging
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -38,6 +40,28 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train_batch_size", type=int, default=4, help="Samples per train batch.")
     parser.add_argument("--skip_timing", action="store_true", help="Only measure memory.")
     parser.add_argument("--skip_memory", action="store_true", help="Only measure epoch times.")
+
+
+def workload_flags(args: argparse.Namespace) -> list[str]:
+    """The image and batch flags of `add_workload_arguments` as given, for a child process of the same script."""
+    names = ("image_size", "vae_blocks", "steps", "sample_batch_size", "batches_per_epoch", "train_batch_size")
+    return [f"--{name}={getattr(args, name)}" for name in names]
+
+
+def run_memory_child(script: str, flags: list[str], label: str) -> dict[str, Any]:
+    """Run `script` with `flags` in a fresh Python process and return the JSON object its last output line holds.
+
+    Large blocks come from mmap there (`MALLOC_MMAP_THRESHOLD_`) and go back to the OS when freed, so the RSS follows
+    the live tensors (as CUDA's allocated bytes do) instead of glibc's free lists; without it, the same run's peak
+    varies by +-10%. Raises `RuntimeError` with the end of the child's stderr when it fails.
+    """
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+    done = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), *flags], capture_output=True, text=True, env=env
+    )
+    if done.returncode:
+        raise RuntimeError(f"memory run {label} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def channel_list(text: str) -> tuple[int, ...]:
