@@ -15,6 +15,7 @@ import torch
 
 from ..rewards.cameras import CameraLayout
 from ..rewards.mrc import MRCReward
+from ..rewards.reconstructors.visual_hull import VisualHullReconstructor
 from .distortions import DISTORTIONS, distort_views
 from .objects import SyntheticObject, random_object, render_object
 
@@ -171,7 +172,9 @@ class TrueGeometryReconstructor(OracleReconstructor):
         painter (`VisualHullReconstructor`): Whose painting (protocol, colour settings) to use.
     """
 
-    def __init__(self, consistent: torch.Tensor, depths: torch.Tensor, painter, view_index: int = 0):
+    def __init__(
+        self, consistent: torch.Tensor, depths: torch.Tensor, painter: VisualHullReconstructor, view_index: int = 0
+    ):
         super().__init__(consistent, view_index)
         self.depths = depths
         self.painter = painter
