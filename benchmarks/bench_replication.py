@@ -44,11 +44,8 @@ from harness import quiet_and_single_threaded
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("data", "base (short SFT)", "RL + KL", "RL, no KL", "long SFT")
-# The built-in reconstructor (default `held_out` protocol) fitted at 16 px with 50 steps: 0.3-0.7 s per sample here
-# instead of 2-7 s at its defaults (the cost grows with the foreground, and noisy backgrounds are all foreground).
-# Both reconstructors keep the opaque start (`density_offset=-1`) that the recorded run used, so it reproduces.
-CHEAP_RECONSTRUCTOR = {"fit_size": 16, "grid_resolution": 16, "samples_per_ray": 16, "steps": 50, "density_offset": -1}
-# A stronger reconstructor that rescores the evaluation: the default grid at 32 px with 24 samples per ray.
+# A stronger reconstructor that rescores the evaluation: the default grid at 32 px with 24 samples per ray, the opaque
+# start of the reward's (`carve3d_trl.toy.TOY_MRC_RECONSTRUCTOR`).
 CHECK_RECONSTRUCTOR = {"fit_size": 32, "samples_per_ray": 24, "density_offset": -1}
 
 
@@ -106,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "replication", help="Prefix of the .json and .png.")
     args = parser.parse_args(argv)
     if args.reconstructor_kwargs is None:
-        args.reconstructor_kwargs = json.dumps(CHEAP_RECONSTRUCTOR if args.reconstructor == "radiance_field" else {})
+        from carve3d_trl.toy import TOY_MRC_RECONSTRUCTOR
+
+        args.reconstructor_kwargs = json.dumps(TOY_MRC_RECONSTRUCTOR if args.reconstructor == "radiance_field" else {})
     if min(args.epochs, args.train_prompts, args.samples_per_prompt, args.val_prompts, args.steps) < 1:
         parser.error("--epochs, --train_prompts, --samples_per_prompt, --val_prompts and --steps must be >= 1.")
     if args.eval_seeds < 2:

@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-CHEAP_RECONSTRUCTOR = {"fit_size": 16, "grid_resolution": 16, "samples_per_ray": 16, "steps": 50, "density_offset": -1}
-
 
 def default_models() -> dict[str, Path]:
     from carve3d_trl.toy import toy_model_path, toy_single_view_path
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     from carve3d_trl.evaluation import sample_with_kl
     from carve3d_trl.pipelines import MultiViewDiffusionPipeline, detect_family
     from carve3d_trl.rewards import MRCReward, instant3d_layout, split_grid
-    from carve3d_trl.toy import render_scene_views, toy_view_cameras
+    from carve3d_trl.toy import TOY_MRC_RECONSTRUCTOR, render_scene_views, toy_view_cameras
     from carve3d_trl.toy.adherence import load_adherence_classifier, measure_adherence
     from carve3d_trl.toy.view_batched import VIEW_SIZE
 
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     layouts = {"grid": instant3d_layout(), "view_batched": toy_view_cameras().layout}
     rewards = {
         family: MRCReward(
-            layout, "radiance_field", metric="psnr", seed=args.seed, reconstructor_kwargs=CHEAP_RECONSTRUCTOR
+            layout, "radiance_field", metric="psnr", seed=args.seed, reconstructor_kwargs=TOY_MRC_RECONSTRUCTOR
         )
         for family, layout in layouts.items()
     }

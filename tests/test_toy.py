@@ -208,3 +208,22 @@ def test_training_script_is_deterministic_and_writes_the_single_view_short_and_l
     assert pipe.unet.config.sample_size == 16  # 64x64 grids
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "single_view").unet.config.sample_size == 8
     assert not list(tmp_path.glob("*/.tmp-*")) and not list(tmp_path.glob("*/*/.tmp-*"))
+
+
+def test_the_random_reward_control_keeps_the_metadata_and_replaces_the_rewards_by_seeded_noise(monkeypatch):
+    from carve3d_trl.testing import load_script
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the script's `harness`
+    module = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_replication.py")
+
+    def constant_reward(images, prompts, metadata):
+        return torch.full((len(images),), 7.0), {"mrc": torch.full((len(images),), 3.0)}
+
+    images, prompts, metadata = torch.zeros(4, 3, 8, 8), ("a",) * 4, ({},) * 4
+    control = module.RandomReward(constant_reward, seed=0)
+    first, info = control(images, prompts, metadata)
+    second, _ = control(images, prompts, metadata)
+    again, _ = module.RandomReward(constant_reward, seed=0)(images, prompts, metadata)
+    assert info["mrc"].eq(3.0).all()  # the metadata (MRC, logged in the history) is the wrapped reward's
+    assert not first.eq(7.0).any() and first.std() > 0
+    assert torch.equal(first, again) and not torch.equal(first, second)  # seeded, and fresh at every call
