@@ -95,6 +95,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--reconstructor_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"own_view_penalty\": 5}'"
     )
+    parser.add_argument(
+        "--silhouette_weights",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="weights of MRC's silhouette term, one run each on the same renders (default: MRCReward's, 10 with "
+        "lpips, 0 with mse and psnr); each weight's files get the suffix _silhouette<weight>",
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -120,13 +128,21 @@ def plot(result: ValidityResult, title: str, path: Path) -> None:
     plt.close(figure)
 
 
-def reward_factory(layout, reconstructors, metric: str, trunk: int | None, pretrained: bool):
+def reward_factory(
+    layout, reconstructors, metric: str, trunk: int | None, pretrained: bool, silhouette_weight: float | None
+):
     """`make_reward(seed)` for the study; `trunk` seeds a random LPIPS trunk, the same for every reconstructor seed."""
 
     def make_reward(seed: int) -> MRCReward:
         if trunk is not None:
             torch.manual_seed(trunk)
-        return MRCReward(layout, reconstructors[seed], metric=metric, lpips_pretrained=pretrained)
+        return MRCReward(
+            layout,
+            reconstructors[seed],
+            metric=metric,
+            lpips_pretrained=pretrained,
+            silhouette_weight=silhouette_weight,
+        )
 
     return make_reward
 
@@ -156,18 +172,21 @@ def main() -> None:
     setting = "oracle" if args.reconstructor == "oracle" else args.protocol
     prefix = {"visual_hull": "visual_hull_", "true_geometry": "true_geometry_"}.get(args.reconstructor, "")
     # (earlier files, without a prefix: the radiance field and the oracle)
-    runs = []  # (metric, LPIPS trunk seed or None, name)
+    runs = []  # (metric, LPIPS trunk seed or None, name, silhouette weight)
     for metric in args.metric:
-        if metric == "lpips" and args.lpips_random:
-            for trunk in args.lpips_seeds:
-                runs.append((metric, trunk, "lpips-random-trunk" + (f"-seed{trunk}" if trunk else "")))
-        else:
-            runs.append((metric, None, metric))
+        for weight in args.silhouette_weights:
+            suffix = "" if weight is None else f"_silhouette{weight:g}"
+            if metric == "lpips" and args.lpips_random:
+                for trunk in args.lpips_seeds:
+                    name = "lpips-random-trunk" + (f"-seed{trunk}" if trunk else "")
+                    runs.append((metric, trunk, name + suffix, weight))
+            else:
+                runs.append((metric, None, metric + suffix, weight))
     args.out.mkdir(parents=True, exist_ok=True)
-    for metric, trunk, metric_name in runs:
+    for metric, trunk, metric_name, weight in runs:
         start = time.perf_counter()
         result = run_validity_study(
-            reward_factory(layout, reconstructors, metric, trunk, pretrained=not args.lpips_random),
+            reward_factory(layout, reconstructors, metric, trunk, not args.lpips_random, weight),
             layout,
             num_objects=args.objects,
             levels=args.levels,
@@ -194,9 +213,11 @@ def main() -> None:
             "view_size": args.view_size,
             "seeds": args.seeds,
             "reconstructor_kwargs": args.reconstructor_kwargs,
+            "silhouette_weight": weight,
             "spearman": result.spearman,
             "spearman_per_object": {kind: rhos.tolist() for kind, rhos in result.spearman_per_object.items()},
             "first_gap": result.first_gap,
+            "first_gap_se": result.first_gap_se,
             "first_worse": result.first_worse,
             "seed_std": result.seed_std,
             "mrc": {kind: values.tolist() for kind, values in result.mrc.items()},
@@ -209,15 +230,15 @@ def main() -> None:
         print(f"seed noise (std of MRC at level 0 over seeds {args.seeds}): {result.seed_std:.4g}")
         print(
             "| distortion | Spearman rho | lowest object's rho | gap level 0 -> first level | gap / seed noise "
-            "| objects worse at the first level |"
+            "| gap / its standard error over objects | objects worse at the first level |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for kind in result.mrc:
             ratio = result.first_gap[kind] / result.seed_std if result.seed_std > 0 else float("inf")
             lowest = float(result.spearman_per_object[kind].min())
             print(
                 f"| {kind} | {result.spearman[kind]:.3f} | {lowest:.2f} | {result.first_gap[kind]:.4g} | {ratio:.1f} "
-                f"| {result.first_worse[kind]:.0%} |"
+                f"| {result.first_gap[kind] / result.first_gap_se[kind]:.1f} | {result.first_worse[kind]:.0%} |"
             )
         print(f"wrote {args.out / stem}.png and .json", flush=True)
 

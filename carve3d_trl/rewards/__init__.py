@@ -24,7 +24,7 @@ _EXPORTS = {
     "crop": ["crop_pairs", "foreground_boxes", "foreground_mask"],
     "lpips_trunk": ["LPIPSTrunkError", "fetch_lpips_trunk"],
     "metadata": ["RewardMetadata", "per_sample_values"],
-    "metrics": ["ImageMetric", "alexnet_weights_path", "load_lpips"],
+    "metrics": ["ImageMetric", "alexnet_weights_path", "load_lpips", "silhouette_disagreement"],
     "mrc": ["MRCReward"],
     "reconstructors": [
         "InstantMeshReconstructor",
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .crop import crop_pairs, foreground_boxes, foreground_mask
     from .lpips_trunk import LPIPSTrunkError, fetch_lpips_trunk
     from .metadata import RewardMetadata, per_sample_values
-    from .metrics import ImageMetric, alexnet_weights_path, load_lpips
+    from .metrics import ImageMetric, alexnet_weights_path, load_lpips, silhouette_disagreement
     from .mrc import MRCReward
     from .reconstructors import (
         InstantMeshReconstructor,

@@ -46,6 +46,13 @@ class MRCArguments:
             "are on disk (torch hub checkpoints/alexnet-owt-7be5be79.pth), else mse with a warning."
         },
     )
+    mrc_silhouette_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of MRC's silhouette term (1 - IoU of each view's and render's foregrounds), >= 0. "
+            "Default: 10 with lpips, 0 with mse and psnr."
+        },
+    )
     mrc_reconstructor_kwargs: str = field(
         default="",
         metadata={"help": 'JSON object of reconstructor constructor arguments, e.g. \'{"protocol": "same_view"}\'.'},
@@ -61,6 +68,11 @@ def check_mrc_arguments(args: MRCArguments) -> dict[str, Any]:
     if args.mrc_reconstructor not in RECONSTRUCTORS:
         raise ValueError(
             f"--mrc_reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{args.mrc_reconstructor}'."
+        )
+    if args.mrc_silhouette_weight is not None and not args.mrc_silhouette_weight >= 0:
+        raise ValueError(
+            "--mrc_silhouette_weight must be >= 0 (0 turns the silhouette term off), got "
+            f"{args.mrc_silhouette_weight}."
         )
     if not args.mrc_reconstructor_kwargs:
         return {}
@@ -125,4 +137,5 @@ def build_mrc_reward(
         seed=seed,
         device=device,
         reconstructor_kwargs=reconstructor_kwargs or None,
+        silhouette_weight=args.mrc_silhouette_weight,
     )

@@ -1,15 +1,18 @@
-"""Image distances MRC can use: LPIPS (AlexNet, the paper's), MSE and PSNR."""
+"""Image distances MRC can use: LPIPS (AlexNet, the paper's), MSE and PSNR; and the silhouettes' disagreement."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ALEXNET_WEIGHTS", "ImageMetric", "alexnet_weights_path", "load_lpips"]
+from .crop import foreground_mask
+
+__all__ = ["ALEXNET_WEIGHTS", "ImageMetric", "alexnet_weights_path", "load_lpips", "silhouette_disagreement"]
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_WEIGHTS}"
@@ -87,3 +90,21 @@ class ImageMetric(nn.Module):
         if self.name == "mse":
             return mse
         return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+def silhouette_disagreement(
+    x: torch.Tensor, y: torch.Tensor, background: Sequence[float] = (1.0, 1.0, 1.0)
+) -> torch.Tensor:
+    """One minus the intersection over union of the foregrounds (`foreground_mask`) of two image batches.
+
+    Args:
+        x, y (`torch.Tensor` of shape `(N, 3, h, w)`): Images in [0, 1] on the `background`.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)` in [0, 1]: 0 for the same silhouette (or none in either image), 1 for
+        silhouettes that do not overlap.
+    """
+    a, b = foreground_mask(x, background), foreground_mask(y, background)
+    union = (a | b).flatten(1).sum(dim=1)
+    overlap = (a & b).flatten(1).sum(dim=1)
+    return torch.where(union > 0, 1.0 - overlap.float() / union.clamp_min(1).float(), 0.0)

@@ -6,13 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .cameras import CameraLayout, instant3d_layout, split_grid
 from .crop import crop_pairs
-from .metrics import ImageMetric
+from .metrics import ImageMetric, silhouette_disagreement
 from .reconstructors import Reconstructor, make_reconstructor
 
 __all__ = ["MRCReward"]
+
+SILHOUETTE_WEIGHTS = {"lpips": 10.0, "mse": 0.0, "psnr": 0.0}  # lpips: chosen by the validity study (RESULTS.md)
 
 
 class MRCReward:
@@ -29,6 +32,12 @@ class MRCReward:
         - `"psnr"`: MRC = mean PSNR in dB (higher is more consistent), reward = +MRC.
     In every case a higher reward means more consistent views.
 
+    The silhouette term: each view's distance also counts `silhouette_weight` times the disagreement of the view's
+    and the render's foregrounds (`1 - IoU` of the whole images at the render size, `silhouette_disagreement`;
+    subtracted from PSNR). The visual hull renders consistent
+    views with their own silhouettes, so this term sees geometric inconsistency (a view from a wrong camera, a turned
+    or moved object) without the colour noise of the painting, which LPIPS also sees.
+
     Args:
         layout (`CameraLayout`, *optional*): Cameras of the grid tiles or of the views. Default:
             `instant3d_layout()`. For a view-batched model, the layout of the cameras it was given
@@ -43,6 +52,8 @@ class MRCReward:
         device (`str` or `torch.device`, *optional*): Where to compute. Default: the device of the input images.
         seed (`int`): Seed given to a reconstructor built by name that takes one (the radiance field).
         reconstructor_kwargs (`dict`, *optional*): Keyword arguments for a reconstructor built by name.
+        silhouette_weight (`float`, *optional*): Weight of the silhouette term, >= 0. Default: 10 with `"lpips"`
+            (chosen by the validity study, `benchmarks/RESULTS.md`), 0 (off) with `"mse"` and `"psnr"`.
     """
 
     def __init__(
@@ -55,10 +66,14 @@ class MRCReward:
         device: str | torch.device | None = None,
         seed: int = 0,
         reconstructor_kwargs: dict[str, Any] | None = None,
+        silhouette_weight: float | None = None,
     ):
+        if silhouette_weight is not None and not silhouette_weight >= 0:
+            raise ValueError(f"silhouette_weight must be >= 0 (0 turns the term off), got {silhouette_weight}.")
         self.layout = layout if layout is not None else instant3d_layout()
         self.device = torch.device(device) if device is not None else None
         self.metric = ImageMetric(metric, lpips_pretrained=lpips_pretrained)
+        self.silhouette_weight = SILHOUETTE_WEIGHTS[metric] if silhouette_weight is None else float(silhouette_weight)
         if isinstance(reconstructor, str):
             kwargs = dict(reconstructor_kwargs or {})
             if reconstructor == "radiance_field":
@@ -89,7 +104,8 @@ class MRCReward:
 
         Returns:
             `(rewards, reward_metadata)`: `rewards` a float32 CPU tensor `(B,)`; `reward_metadata` a dict of CPU
-            tensors: `"mrc"` `(B,)`, `"mrc_per_view"` `(B, V)` (NaN for views not evaluated), `"renders"`
+            tensors: `"mrc"` `(B,)`, `"mrc_per_view"` `(B, V)` (NaN for views not evaluated; silhouette term
+            included), `"silhouette"` `(B, V)` (the foregrounds' `1 - IoU`, before weighting), `"renders"`
             `(B, V, 3, h', w')` (the reconstructor's render size).
 
         Raises:
@@ -124,7 +140,26 @@ class MRCReward:
         renders = self.reconstructor.reconstruct(views, self.layout).to(device=device, dtype=torch.float32)
         view_crops, render_crops = crop_pairs(views, renders, self.layout.background)
         per_view = self.metric(view_crops.flatten(0, 1), render_crops.flatten(0, 1)).view(views.shape[:2])
+        silhouette = self._silhouette_disagreement(views, renders)
+        if self.silhouette_weight:
+            sign = -1.0 if self.metric.higher_is_better else 1.0
+            per_view = per_view + sign * self.silhouette_weight * silhouette
         mrc = per_view.nanmean(dim=1)
         rewards = mrc if self.metric.higher_is_better else -mrc
-        metadata = {"mrc": mrc.cpu(), "mrc_per_view": per_view.cpu(), "renders": renders.cpu()}
+        metadata = {
+            "mrc": mrc.cpu(),
+            "mrc_per_view": per_view.cpu(),
+            "silhouette": silhouette.cpu(),
+            "renders": renders.cpu(),
+        }
         return rewards.float().cpu(), metadata
+
+    def _silhouette_disagreement(self, views: torch.Tensor, renders: torch.Tensor) -> torch.Tensor:
+        """`1 - IoU` `(B, V)` of the foregrounds of the views `(B, V, 3, h, w)` (resized to the render size as
+        `crop_pairs` does) and of the renders `(B, V, 3, h', w')`; NaN for views not evaluated (NaN renders)."""
+        flat_views, flat_renders = views.flatten(0, 1), renders.flatten(0, 1)
+        if flat_views.shape != flat_renders.shape:
+            size = flat_renders.shape[-2:]
+            flat_views = F.interpolate(flat_views, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        silhouette = silhouette_disagreement(flat_views, flat_renders, self.layout.background).view(views.shape[:2])
+        return torch.where(renders.isnan().flatten(2).any(dim=2), torch.nan, silhouette)

@@ -61,6 +61,9 @@ class ValidityResult:
         seed_std: Mean over objects of the std of MRC at level 0 across reconstructor seeds.
         first_gap: `{distortion: mean over objects of how much worse MRC is at the first level > 0 than at level 0}`,
             in MRC's units and signed: positive when MRC worsens, negative when it improves.
+        first_gap_se: `{distortion: standard error of first_gap's mean over objects}` (a deterministic
+            reconstructor has no seed noise; the first level is told from the consistent views when the gap is
+            several standard errors above 0).
         first_worse: `{distortion: share of objects whose MRC is worse at the first level > 0 than at level 0}`
             (what separates the first level from the consistent views when the reconstructor has no seed noise).
         higher_is_better: Whether larger MRC values mean more consistent views (PSNR).
@@ -72,6 +75,7 @@ class ValidityResult:
     spearman_per_object: dict[str, torch.Tensor] = field(default_factory=dict)
     seed_std: float = float("nan")
     first_gap: dict[str, float] = field(default_factory=dict)
+    first_gap_se: dict[str, float] = field(default_factory=dict)
     first_worse: dict[str, float] = field(default_factory=dict)
     higher_is_better: bool = False
 
@@ -126,8 +130,10 @@ def run_validity_study(
         rhos = torch.tensor([spearman(levels, (-sign * row).tolist()) for row in mrc], dtype=torch.float64)
         result.spearman_per_object[kind] = rhos
         result.spearman[kind] = float(rhos.mean())
-        result.first_gap[kind] = float((sign * (mrc[:, 0] - mrc[:, 1])).mean())
-        result.first_worse[kind] = float((sign * (mrc[:, 0] - mrc[:, 1]) > 0).double().mean())
+        gaps = sign * (mrc[:, 0] - mrc[:, 1]).double()
+        result.first_gap[kind] = float(gaps.mean())
+        result.first_gap_se[kind] = float(gaps.std() / len(gaps) ** 0.5) if len(gaps) > 1 else float("nan")
+        result.first_worse[kind] = float((gaps > 0).double().mean())
     result.seed_std = float(torch.stack([i["mrc"] for i in base_info]).std(dim=0).mean()) if len(seeds) > 1 else 0.0
     return result
 

@@ -7,6 +7,7 @@ from carve3d_trl.rewards import (
     crop_pairs,
     instant3d_layout,
     make_reconstructor,
+    silhouette_disagreement,
     split_grid,
     tile_views,
 )
@@ -43,11 +44,50 @@ def test_reward_has_the_trl_signature_and_is_minus_the_mean_per_view_lpips(grids
     assert info["mrc_per_view"].shape == (2, 4) and info["renders"].shape == (2, 4, 3, 32, 32)
     torch.testing.assert_close(info["mrc"], info["mrc_per_view"].mean(dim=1))
     torch.testing.assert_close(rewards, -info["mrc_per_view"].mean(dim=1))
-    # The per-view values are LPIPS of the cropped pairs.
+    # The per-view values are LPIPS of the cropped pairs plus 10 (LPIPS's default weight) times the disagreement of the
+    # whole view's and render's silhouettes, at the render size.
     views = images.view(2, 3, 2, 64, 2, 64).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, 3, 64, 64)
-    view_crops, render_crops = crop_pairs(views, info["renders"])
-    expected = reward.metric(view_crops.flatten(0, 1), render_crops.flatten(0, 1)).view(2, 4)
+    view_crops, render_crops = (crops.flatten(0, 1) for crops in crop_pairs(views, info["renders"]))
+    small = torch.nn.functional.interpolate(views.flatten(0, 1), size=32, mode="bicubic", antialias=True).clamp(0, 1)
+    silhouette = silhouette_disagreement(small, info["renders"].flatten(0, 1)).view(2, 4)
+    torch.testing.assert_close(info["silhouette"], silhouette)
+    expected = reward.metric(view_crops, render_crops).view(2, 4) + 10.0 * silhouette
     torch.testing.assert_close(info["mrc_per_view"], expected)
+    assert reward.silhouette_weight == 10.0
+
+
+class ShrinkingReconstructor:
+    """Renders = the views with their foreground's right half turned to background: a known silhouette loss."""
+
+    def reconstruct(self, views, layout):
+        renders = views.clone()
+        renders[..., views.shape[-1] // 2 :] = 1.0
+        return renders
+
+
+def test_the_silhouette_term_counts_the_weighted_foreground_disagreement(grids):
+    layout, images = grids
+    off, info_off = MRCReward(layout, ShrinkingReconstructor(), metric="mse", silhouette_weight=0.0)(images)
+    on, info_on = MRCReward(layout, ShrinkingReconstructor(), metric="mse", silhouette_weight=2.0)(images)
+    assert (info_on["silhouette"] > 0.1).all()  # the foreground's part in the right half of each view is gone
+    torch.testing.assert_close(on, off - 2.0 * info_on["silhouette"].mean(dim=1))
+    psnr_off, _ = MRCReward(layout, ShrinkingReconstructor(), metric="psnr")(images)  # off by default with PSNR
+    psnr_on, _ = MRCReward(layout, ShrinkingReconstructor(), metric="psnr", silhouette_weight=10.0)(images)
+    torch.testing.assert_close(psnr_on, psnr_off - 10.0 * info_on["silhouette"].mean(dim=1))
+    _, perfect = MRCReward(layout, EchoReconstructor(), metric="mse")(images)
+    assert (perfect["silhouette"] == 0).all()
+    with pytest.raises(ValueError, match="silhouette_weight must be >= 0"):
+        MRCReward(layout, EchoReconstructor(), metric="mse", silhouette_weight=-1.0)
+
+
+def test_silhouette_disagreement_is_one_minus_the_foregrounds_iou():
+    white = torch.ones(3, 3, 8, 8)
+    a, b = white.clone(), white.clone()
+    a[0, :, :, :4] = 0.0  # image 0: left half dark in a, top-left quarter in b: IoU 1/2
+    b[0, :, :4, :4] = 0.0
+    a[1, :, :, :4] = 0.0  # image 1: disjoint halves
+    b[1, :, :, 4:] = 0.0
+    torch.testing.assert_close(silhouette_disagreement(a, b), torch.tensor([0.5, 1.0, 0.0]))  # image 2: both empty
 
 
 def test_consistent_views_score_better_than_a_rotated_view(grids):
