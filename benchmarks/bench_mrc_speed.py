@@ -12,6 +12,8 @@ ends with the GPU's work done, since the reward returns CPU tensors) and the wal
     python benchmarks/bench_mrc_speed.py --views 4 --sizes 64 --batches 1 8 --protocol same_view
     python benchmarks/bench_mrc_speed.py --reconstructors radiance_field \\
         --reconstructor_kwargs '{"radiance_field": {"steps": 200}}'
+    python benchmarks/bench_mrc_speed.py --reconstructors visual_hull hull=visual_hull \\
+        --reconstructor_kwargs '{"hull": {"surface": "hull"}}'   # two settings of one reconstructor, side by side
     python benchmarks/bench_mrc_speed.py --device cuda --views 4 --sizes 64 256 --batches 1 8 32 --objects 4
 """
 
@@ -30,6 +32,7 @@ from carve3d_trl.rewards import MRCReward, instant3d_layout, make_reconstructor,
 from carve3d_trl.synthetic import random_object, render_object
 
 LAYOUTS = {4: instant3d_layout, 6: zero123pp_layout}
+RECONSTRUCTORS = ("visual_hull", "radiance_field")
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,14 +46,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--reconstructors",
         nargs="+",
-        choices=["visual_hull", "radiance_field"],
-        default=["visual_hull", "radiance_field"],
+        default=list(RECONSTRUCTORS),
+        help=f"names ({', '.join(RECONSTRUCTORS)}), or label=name to time one under several settings",
     )
     parser.add_argument(
         "--reconstructor_kwargs",
         type=json.loads,
         default={},
-        help='JSON object of keyword arguments per reconstructor, e.g. \'{"radiance_field": {"steps": 200}}\'',
+        help='JSON object of keyword arguments per name or label, e.g. \'{"radiance_field": {"steps": 200}}\'',
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -63,7 +66,11 @@ def parse_args() -> argparse.Namespace:
         "rendering a 256 px object takes seconds of CPU)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mrc_speed.json")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for entry in args.reconstructors:
+        if entry.rpartition("=")[2] not in RECONSTRUCTORS:
+            parser.error(f"--reconstructors: {entry!r} is none of {', '.join(RECONSTRUCTORS)} (as name or label=name)")
+    return args
 
 
 def synchronize(device: torch.device) -> None:
@@ -103,15 +110,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for num_views in args.views:
         layout = LAYOUTS[num_views]()
-        rewards = {
-            name: MRCReward(
+        rewards = {}
+        for entry in args.reconstructors:
+            label, _, name = entry.rpartition("=")
+            kwargs = args.reconstructor_kwargs.get(label or name, {})
+            rewards[label or name] = MRCReward(
                 layout,
-                make_reconstructor(name, protocol=args.protocol, **args.reconstructor_kwargs.get(name, {})),
+                make_reconstructor(name, protocol=args.protocol, **kwargs),
                 metric=args.metric,
                 lpips_pretrained=args.lpips_pretrained,
             )
-            for name in args.reconstructors
-        }
         for size in args.sizes:
             generator = torch.Generator().manual_seed(0)
             objects = [random_object(generator) for _ in range(args.objects or max(args.batches))]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -103,6 +104,14 @@ def parse_args() -> argparse.Namespace:
         help="weights of MRC's silhouette term, one run each on the same renders (default: MRCReward's, 10 with "
         "lpips, 0 with mse and psnr); each weight's files get the suffix _silhouette<weight>",
     )
+    parser.add_argument(
+        "--mse_weights",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="weights of MRC's pixel (MSE) term, likewise (default: MRCReward's, 10 with lpips, 0 with mse and psnr; "
+        "suffix _mse<weight>)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -129,7 +138,13 @@ def plot(result: ValidityResult, title: str, path: Path) -> None:
 
 
 def reward_factory(
-    layout, reconstructors, metric: str, trunk: int | None, pretrained: bool, silhouette_weight: float | None
+    layout,
+    reconstructors,
+    metric: str,
+    trunk: int | None,
+    pretrained: bool,
+    silhouette_weight: float | None,
+    mse_weight: float | None,
 ):
     """`make_reward(seed)` for the study; `trunk` seeds a random LPIPS trunk, the same for every reconstructor seed."""
 
@@ -142,6 +157,7 @@ def reward_factory(
             metric=metric,
             lpips_pretrained=pretrained,
             silhouette_weight=silhouette_weight,
+            mse_weight=mse_weight,
         )
 
     return make_reward
@@ -172,21 +188,21 @@ def main() -> None:
     setting = "oracle" if args.reconstructor == "oracle" else args.protocol
     prefix = {"visual_hull": "visual_hull_", "true_geometry": "true_geometry_"}.get(args.reconstructor, "")
     # (earlier files, without a prefix: the radiance field and the oracle)
-    runs = []  # (metric, LPIPS trunk seed or None, name, silhouette weight)
-    for metric in args.metric:
-        for weight in args.silhouette_weights:
-            suffix = "" if weight is None else f"_silhouette{weight:g}"
-            if metric == "lpips" and args.lpips_random:
-                for trunk in args.lpips_seeds:
-                    name = "lpips-random-trunk" + (f"-seed{trunk}" if trunk else "")
-                    runs.append((metric, trunk, name + suffix, weight))
-            else:
-                runs.append((metric, None, metric + suffix, weight))
+    runs = []  # (metric, LPIPS trunk seed or None, name, (silhouette weight, MSE weight))
+    for metric, silhouette, mse in itertools.product(args.metric, args.silhouette_weights, args.mse_weights):
+        suffix = "" if silhouette is None else f"_silhouette{silhouette:g}"
+        suffix += "" if mse is None else f"_mse{mse:g}"
+        if metric == "lpips" and args.lpips_random:
+            for trunk in args.lpips_seeds:
+                name = "lpips-random-trunk" + (f"-seed{trunk}" if trunk else "")
+                runs.append((metric, trunk, name + suffix, (silhouette, mse)))
+        else:
+            runs.append((metric, None, metric + suffix, (silhouette, mse)))
     args.out.mkdir(parents=True, exist_ok=True)
-    for metric, trunk, metric_name, weight in runs:
+    for metric, trunk, metric_name, weights in runs:
         start = time.perf_counter()
         result = run_validity_study(
-            reward_factory(layout, reconstructors, metric, trunk, not args.lpips_random, weight),
+            reward_factory(layout, reconstructors, metric, trunk, not args.lpips_random, *weights),
             layout,
             num_objects=args.objects,
             levels=args.levels,
@@ -213,7 +229,8 @@ def main() -> None:
             "view_size": args.view_size,
             "seeds": args.seeds,
             "reconstructor_kwargs": args.reconstructor_kwargs,
-            "silhouette_weight": weight,
+            "silhouette_weight": weights[0],
+            "mse_weight": weights[1],
             "spearman": result.spearman,
             "spearman_per_object": {kind: rhos.tolist() for kind, rhos in result.spearman_per_object.items()},
             "first_gap": result.first_gap,

@@ -91,7 +91,12 @@ class ScriptArguments:
 
 def card_config(config: Carve3DConfig, mrc_args: MRCArguments, reward: MRCReward) -> dict:
     """The training configuration shown in the model card, with the reward actually used."""
-    return {**config.to_dict(), "reward": f"MRC ({reward.metric.name})", "reconstructor": mrc_args.mrc_reconstructor}
+    terms = f", silhouette weight {reward.silhouette_weight:g}, MSE weight {reward.mse_weight:g}"
+    return {
+        **config.to_dict(),
+        "reward": f"MRC ({reward.metric.name}{terms})",
+        "reconstructor": mrc_args.mrc_reconstructor,
+    }
 
 
 def build_parser() -> TrlParser:

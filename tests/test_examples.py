@@ -178,6 +178,7 @@ def test_scoring_is_repeatable_so_base_and_finetuned_see_the_same_noise(tiny_mod
         (["--mrc_reconstructor", "nerfstudio"], ValueError, "--mrc_reconstructor must be one of"),
         (["--mrc_reconstructor_kwargs", "{steps: 3"], ValueError, "not valid JSON"),
         (["--mrc_silhouette_weight", "-1"], ValueError, "--mrc_silhouette_weight must be >= 0"),
+        (["--mrc_mse_weight", "-0.5"], ValueError, "--mrc_mse_weight must be >= 0"),
         (["--num_seeds", "0"], ValueError, "--num_seeds must be >= 1"),
         (["--batch_size", "0"], ValueError, "--batch_size must be >= 1"),
         (["--mixed_precision", "fp8"], ValueError, "--mixed_precision must be one of"),

@@ -53,6 +53,13 @@ class MRCArguments:
             "Default: 10 with lpips, 0 with mse and psnr."
         },
     )
+    mrc_mse_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of MRC's pixel term (each view's and render's crops' mean squared error), >= 0. Default: "
+            "10 with lpips, 0 with mse and psnr."
+        },
+    )
     mrc_reconstructor_kwargs: str = field(
         default="",
         metadata={"help": 'JSON object of reconstructor constructor arguments, e.g. \'{"protocol": "same_view"}\'.'},
@@ -69,11 +76,9 @@ def check_mrc_arguments(args: MRCArguments) -> dict[str, Any]:
         raise ValueError(
             f"--mrc_reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{args.mrc_reconstructor}'."
         )
-    if args.mrc_silhouette_weight is not None and not args.mrc_silhouette_weight >= 0:
-        raise ValueError(
-            "--mrc_silhouette_weight must be >= 0 (0 turns the silhouette term off), got "
-            f"{args.mrc_silhouette_weight}."
-        )
+    for flag, weight in (("silhouette", args.mrc_silhouette_weight), ("mse", args.mrc_mse_weight)):
+        if weight is not None and not weight >= 0:
+            raise ValueError(f"--mrc_{flag}_weight must be >= 0 (0 turns the {flag} term off), got {weight}.")
     if not args.mrc_reconstructor_kwargs:
         return {}
     try:
@@ -138,4 +143,5 @@ def build_mrc_reward(
         device=device,
         reconstructor_kwargs=reconstructor_kwargs or None,
         silhouette_weight=args.mrc_silhouette_weight,
+        mse_weight=args.mrc_mse_weight,
     )

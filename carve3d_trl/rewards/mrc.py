@@ -15,7 +15,10 @@ from .reconstructors import Reconstructor, make_reconstructor
 
 __all__ = ["MRCReward"]
 
-SILHOUETTE_WEIGHTS = {"lpips": 10.0, "mse": 0.0, "psnr": 0.0}  # lpips: chosen by the validity study (RESULTS.md)
+# The default weights of the two terms added to LPIPS, chosen by the validity study (benchmarks/RESULTS.md); off
+# with the pixel metrics.
+SILHOUETTE_WEIGHTS = {"lpips": 10.0, "mse": 0.0, "psnr": 0.0}
+MSE_WEIGHTS = {"lpips": 10.0, "mse": 0.0, "psnr": 0.0}
 
 
 class MRCReward:
@@ -32,11 +35,14 @@ class MRCReward:
         - `"psnr"`: MRC = mean PSNR in dB (higher is more consistent), reward = +MRC.
     In every case a higher reward means more consistent views.
 
-    The silhouette term: each view's distance also counts `silhouette_weight` times the disagreement of the view's
-    and the render's foregrounds (`1 - IoU` of the whole images at the render size, `silhouette_disagreement`;
-    subtracted from PSNR). The visual hull renders consistent
-    views with their own silhouettes, so this term sees geometric inconsistency (a view from a wrong camera, a turned
-    or moved object) without the colour noise of the painting, which LPIPS also sees.
+    Two terms are added to each view's distance (subtracted from PSNR), by default with LPIPS only:
+        - silhouette: `silhouette_weight` times the disagreement of the view's and the render's foregrounds (`1 - IoU`
+          of the whole images at the render size, `silhouette_disagreement`). The visual hull renders consistent
+          views with their own silhouettes, so this term sees geometric inconsistency (a view from a wrong camera, a
+          turned or moved object) without the noise of the painted colours.
+        - pixels: `mse_weight` times the crops' mean squared error (in [0, 1] units), which ranks colour changes that
+          LPIPS ranks poorly even on a perfect reconstruction (a hue rotation).
+    `silhouette_weight=0, mse_weight=0` is the paper's MRC.
 
     Args:
         layout (`CameraLayout`, *optional*): Cameras of the grid tiles or of the views. Default:
@@ -54,6 +60,8 @@ class MRCReward:
         reconstructor_kwargs (`dict`, *optional*): Keyword arguments for a reconstructor built by name.
         silhouette_weight (`float`, *optional*): Weight of the silhouette term, >= 0. Default: 10 with `"lpips"`
             (chosen by the validity study, `benchmarks/RESULTS.md`), 0 (off) with `"mse"` and `"psnr"`.
+        mse_weight (`float`, *optional*): Weight of the pixel term, >= 0. Default: 10 with `"lpips"`, 0 (off) with
+            `"mse"` and `"psnr"`.
     """
 
     def __init__(
@@ -67,13 +75,16 @@ class MRCReward:
         seed: int = 0,
         reconstructor_kwargs: dict[str, Any] | None = None,
         silhouette_weight: float | None = None,
+        mse_weight: float | None = None,
     ):
-        if silhouette_weight is not None and not silhouette_weight >= 0:
-            raise ValueError(f"silhouette_weight must be >= 0 (0 turns the term off), got {silhouette_weight}.")
+        for name, weight in (("silhouette_weight", silhouette_weight), ("mse_weight", mse_weight)):
+            if weight is not None and not weight >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns the term off), got {weight}.")
         self.layout = layout if layout is not None else instant3d_layout()
         self.device = torch.device(device) if device is not None else None
         self.metric = ImageMetric(metric, lpips_pretrained=lpips_pretrained)
         self.silhouette_weight = SILHOUETTE_WEIGHTS[metric] if silhouette_weight is None else float(silhouette_weight)
+        self.mse_weight = MSE_WEIGHTS[metric] if mse_weight is None else float(mse_weight)
         if isinstance(reconstructor, str):
             kwargs = dict(reconstructor_kwargs or {})
             if reconstructor == "radiance_field":
@@ -104,7 +115,7 @@ class MRCReward:
 
         Returns:
             `(rewards, reward_metadata)`: `rewards` a float32 CPU tensor `(B,)`; `reward_metadata` a dict of CPU
-            tensors: `"mrc"` `(B,)`, `"mrc_per_view"` `(B, V)` (NaN for views not evaluated; silhouette term
+            tensors: `"mrc"` `(B,)`, `"mrc_per_view"` `(B, V)` (NaN for views not evaluated; the two terms
             included), `"silhouette"` `(B, V)` (the foregrounds' `1 - IoU`, before weighting), `"renders"`
             `(B, V, 3, h', w')` (the reconstructor's render size).
 
@@ -141,9 +152,11 @@ class MRCReward:
         view_crops, render_crops = crop_pairs(views, renders, self.layout.background)
         per_view = self.metric(view_crops.flatten(0, 1), render_crops.flatten(0, 1)).view(views.shape[:2])
         silhouette = self._silhouette_disagreement(views, renders)
-        if self.silhouette_weight:
-            sign = -1.0 if self.metric.higher_is_better else 1.0
-            per_view = per_view + sign * self.silhouette_weight * silhouette
+        mse = (view_crops - render_crops).square().flatten(2).mean(dim=2)
+        sign = -1.0 if self.metric.higher_is_better else 1.0
+        for weight, term in ((self.silhouette_weight, silhouette), (self.mse_weight, mse)):
+            if weight:
+                per_view = per_view + sign * weight * term
         mrc = per_view.nanmean(dim=1)
         rewards = mrc if self.metric.higher_is_better else -mrc
         metadata = {

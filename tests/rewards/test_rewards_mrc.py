@@ -44,16 +44,17 @@ def test_reward_has_the_trl_signature_and_is_minus_the_mean_per_view_lpips(grids
     assert info["mrc_per_view"].shape == (2, 4) and info["renders"].shape == (2, 4, 3, 32, 32)
     torch.testing.assert_close(info["mrc"], info["mrc_per_view"].mean(dim=1))
     torch.testing.assert_close(rewards, -info["mrc_per_view"].mean(dim=1))
-    # The per-view values are LPIPS of the cropped pairs plus 10 (LPIPS's default weight) times the disagreement of the
-    # whole view's and render's silhouettes, at the render size.
+    # The per-view values are LPIPS of the cropped pairs plus 10 (LPIPS's default weights) times the disagreement of
+    # the whole view's and render's silhouettes, at the render size, and 10 times the crops' mean squared error.
     views = images.view(2, 3, 2, 64, 2, 64).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, 3, 64, 64)
     view_crops, render_crops = (crops.flatten(0, 1) for crops in crop_pairs(views, info["renders"]))
     small = torch.nn.functional.interpolate(views.flatten(0, 1), size=32, mode="bicubic", antialias=True).clamp(0, 1)
     silhouette = silhouette_disagreement(small, info["renders"].flatten(0, 1)).view(2, 4)
     torch.testing.assert_close(info["silhouette"], silhouette)
-    expected = reward.metric(view_crops, render_crops).view(2, 4) + 10.0 * silhouette
+    mse = (view_crops - render_crops).square().flatten(1).mean(dim=1).view(2, 4)
+    expected = reward.metric(view_crops, render_crops).view(2, 4) + 10.0 * silhouette + 10.0 * mse
     torch.testing.assert_close(info["mrc_per_view"], expected)
-    assert reward.silhouette_weight == 10.0
+    assert reward.silhouette_weight == 10.0 and reward.mse_weight == 10.0
 
 
 class ShrinkingReconstructor:
@@ -78,6 +79,21 @@ def test_the_silhouette_term_counts_the_weighted_foreground_disagreement(grids):
     assert (perfect["silhouette"] == 0).all()
     with pytest.raises(ValueError, match="silhouette_weight must be >= 0"):
         MRCReward(layout, EchoReconstructor(), metric="mse", silhouette_weight=-1.0)
+    with pytest.raises(ValueError, match="mse_weight must be >= 0"):
+        MRCReward(layout, EchoReconstructor(), metric="mse", mse_weight=-1.0)
+
+
+def test_the_pixel_term_counts_the_weighted_mean_squared_error_of_the_crops(grids):
+    layout, images = grids
+    rewards = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)  # the same random LPIPS trunk
+        rewards[weight] = MRCReward(
+            layout, EchoReconstructor(-0.2), lpips_pretrained=False, silhouette_weight=0.0, mse_weight=weight
+        )
+    paper, weighted = rewards[0.0], rewards[5.0]
+    _, mse = MRCReward(layout, EchoReconstructor(-0.2), metric="mse")(images)  # the pixel metric: no terms added
+    torch.testing.assert_close(weighted(images)[1]["mrc"], paper(images)[1]["mrc"] + 5.0 * mse["mrc"])
 
 
 def test_silhouette_disagreement_is_one_minus_the_foregrounds_iou():

@@ -29,7 +29,7 @@ class VisualHullReconstructor:
     bulges by 41% towards the diagonals between the views), which puts the views' colours in the wrong places; by
     default the colours are therefore placed on a rounder shape inside the hull (`surface`), while the renders keep
     the hull's silhouettes. A point's colour is a weighted mean of the views' colours at its
-    projections; a view's weight falls with how far the point lies behind that view's own first hull surface (it is
+    projections; a view's weight falls with how far the point lies behind that view's own first surface (it is
     occluded there), and with `"held_out"` the rendered view itself is penalised, so its render shows what the *other*
     views see wherever they see it and its own colours only where no other view does (blended there with the colours
     extended from the nearby parts the others see, a weak prior). Inconsistency therefore shows
@@ -44,20 +44,20 @@ class VisualHullReconstructor:
     ("MRC reward") for the validity study that chose the defaults.
 
     Args:
+        protocol (`str`): `"held_out"` (default): a render's colours come from the other views where they see the
+            point (`own_view_penalty` 3). `"same_view"` (the paper's protocol): every view that sees the point weighs
+            the same, the rendered one included (penalty 0).
         surface (`str`): Where the colours are placed. `"rounded"` (default): on the points of the hull whose
             positions across the silhouettes' rows, `s_v` in [-1, 1] from the left to the right edge of the row's
             foreground run in view `v`, satisfy `sum_v s_v^2 <= V / 2`: a round cross-section seen by views spread
             evenly around it (the ellipse inscribed in the hull's cross-section for four views 90 degrees apart;
             cameras on an orbit about the vertical, image rows level). Pixels whose ray crosses the hull but not that
             shape keep the hull's point. `"hull"`: on the hull itself.
-        protocol (`str`): `"held_out"` (default): a render's colours come from the other views where they see the
-            point (`own_view_penalty` 3). `"same_view"` (the paper's protocol): every view that sees the point weighs
-            the same, the rendered one included (penalty 0).
         render_size (`int`): Longest side of the renders; larger views are downsampled (antialiased) first.
         samples_per_ray (`int`): Samples of the ray march through the cube `[-bound, bound]^3`.
         refine_steps (`int`): Bisection steps locating each ray's first hull point between two samples.
-        occlusion_slack (`float`): Distance, in world units, a point may lie behind a view's first hull surface and
-            still count as seen by that view.
+        occlusion_slack (`float`): Distance, in world units, a point may lie behind a view's first surface (the
+            one painted) and still count as seen by that view.
         occlusion_softness (`float`): World units per unit of log-weight beyond the slack: a view's weight is
             `exp(-max(0, behind - slack) / softness)`, normalised over the views.
         own_view_penalty (`float`, *optional*): Log-weight subtracted from the rendered view's own colour.
