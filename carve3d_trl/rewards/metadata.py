@@ -17,12 +17,14 @@ class RewardMetadata(TypedDict, total=False):
     Keys:
         mrc (`torch.Tensor`): MRC of each sample, `(B,)` (logged by the trainer as `mrc_mean`).
         mrc_per_view (`torch.Tensor`): MRC of each view, `(B, V)`; NaN for views not evaluated.
+        silhouette (`torch.Tensor`): `1 - IoU` of each view's and render's foregrounds, `(B, V)` (before weighting).
         renders (`torch.Tensor`): The reconstruction rendered at each view's camera, `(B, V, 3, h, w)` in [0, 1]
             (shown beside the samples by the image hook and the model card).
     """
 
     mrc: torch.Tensor
     mrc_per_view: torch.Tensor
+    silhouette: torch.Tensor
     renders: torch.Tensor
 
 
