@@ -55,7 +55,7 @@ class VisualHullReconstructor:
             shape keep the hull's point. `"hull"`: on the hull itself.
         render_size (`int`): Longest side of the renders; larger views are downsampled (antialiased) first.
         samples_per_ray (`int`): Samples of the ray march through the cube `[-bound, bound]^3`.
-        refine_steps (`int`): Bisection steps locating each ray's first hull point between two samples.
+        refine_steps (`int`): Bisection steps locating each ray's first hull (or rounded) point between two samples.
         occlusion_slack (`float`): Distance, in world units, a point may lie behind a view's first surface (the
             one painted) and still count as seen by that view.
         occlusion_softness (`float`): World units per unit of log-weight beyond the slack: a view's weight is
