@@ -7,7 +7,9 @@ from carve3d_trl.rewards import (
     foreground_mask,
     instant3d_layout,
     make_reconstructor,
+    zero123pp_layout,
 )
+from carve3d_trl.rewards.cameras import multiview_cameras
 from carve3d_trl.rewards.reconstructors.visual_hull import _squared_position_across_rows
 from carve3d_trl.synthetic import (
     Primitive,
@@ -62,25 +64,39 @@ def test_a_solid_object_is_painted_in_its_own_colours(layout, red_sphere):
     assert (default - red_sphere).abs().amax(dim=1)[both].median() < 0.05
 
 
-def test_the_rounded_surface_is_nearer_a_spheres_true_surface_than_the_hull_and_keeps_its_silhouettes(layout):
-    # Four views 90 degrees apart carve a sphere into a hull that bulges towards the diagonals between them; the
-    # rounded shape inside it is close to the sphere.
+@pytest.mark.parametrize(
+    "layout_name, sphere_ratio",
+    [("instant3d", 0.6), ("zero123pp", 0.8), ("mvdream", 0.7)],  # measured: 0.49, 0.70, 0.58 of the hull's error
+)
+def test_the_rounded_surface_is_nearer_the_true_surface_than_the_hull_and_keeps_its_silhouettes(
+    layout_name, sphere_ratio
+):
+    # Views around an object carve a hull that bulges between them (a sphere's towards the diagonals between four
+    # views 90 degrees apart); the rounded shape inside it is nearer the object, for a sphere and for a turned box, on
+    # the grid layouts and on a view-batched model's cameras.
+    layout = {
+        "instant3d": instant3d_layout,
+        "zero123pp": zero123pp_layout,
+        "mvdream": lambda: multiview_cameras(num_views=4).layout,
+    }[layout_name]()
     checker = Primitive("sphere", (0.0, 0.0, 0.0), (0.6,), color=RED, color2=BLUE, pattern="checker")
-    sphere = SyntheticObject((checker,))
-    views = render_object(sphere, layout, 32)[None]
-    true_depth = object_depth(sphere, layout, 32)[None]
-    hull = VisualHullReconstructor(surface="hull")
-    rounded = VisualHullReconstructor(surface="rounded")
-    geometry = hull._ray_geometry(layout, (32, 32), views.device)
-    hull_depth = hull._first_hull_points(geometry, foreground_mask(views))
-    rounded_depth = rounded._first_rounded_points(geometry, foreground_mask(views), hull_depth)
-    on_both = true_depth.isfinite() & rounded_depth.isfinite()
-    assert on_both.sum() > 0.9 * true_depth.isfinite().sum()  # the rounded shape covers nearly all of the sphere
-    assert (rounded_depth >= hull_depth)[hull_depth.isfinite()].all()  # it lies inside the hull
-    hull_error = (hull_depth - true_depth)[on_both].abs().mean()
-    assert (rounded_depth - true_depth)[on_both].abs().mean() < 0.6 * hull_error
-    renders = {name: r.reconstruct(views, layout)[0] for name, r in (("hull", hull), ("rounded", rounded))}
-    assert torch.equal(foreground_mask(renders["rounded"]), foreground_mask(renders["hull"]))
+    box = Primitive("box", (0.0, 0.0, 0.0), (0.4, 0.5, 0.3), rotation=(0.0, 0.0, 30.0), color=BLUE)
+    for primitive, ratio in ((checker, sphere_ratio), (box, 0.95)):
+        obj = SyntheticObject((primitive,))
+        views = render_object(obj, layout, 32)[None]
+        true_depth = object_depth(obj, layout, 32)[None]
+        hull = VisualHullReconstructor(surface="hull")
+        rounded = VisualHullReconstructor(surface="rounded")
+        geometry = hull._ray_geometry(layout, (32, 32), views.device)
+        hull_depth = hull._first_hull_points(geometry, foreground_mask(views))
+        rounded_depth = rounded._first_rounded_points(geometry, foreground_mask(views), hull_depth)
+        on_both = true_depth.isfinite() & rounded_depth.isfinite()
+        assert on_both.sum() > 0.95 * true_depth.isfinite().sum()  # the rounded shape covers nearly all the object
+        assert (rounded_depth >= hull_depth)[hull_depth.isfinite()].all()  # it lies inside the hull
+        hull_error = (hull_depth - true_depth)[on_both].abs().mean()
+        assert (rounded_depth - true_depth)[on_both].abs().mean() < ratio * hull_error, primitive.kind
+        renders = {name: r.reconstruct(views, layout)[0] for name, r in (("hull", hull), ("rounded", rounded))}
+        assert torch.equal(foreground_mask(renders["rounded"]), foreground_mask(renders["hull"]))
 
 
 def test_position_across_rows_is_zero_at_each_runs_centre_and_infinite_outside():
