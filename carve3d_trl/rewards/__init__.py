@@ -21,7 +21,7 @@ _EXPORTS = {
         "tile_views",
         "zero123pp_layout",
     ],
-    "crop": ["crop_pairs", "foreground_boxes", "foreground_mask"],
+    "crop": ["crop_pairs", "foreground_boxes", "foreground_mask", "resize_to"],
     "lpips_trunk": ["LPIPSTrunkError", "fetch_lpips_trunk"],
     "metadata": ["RewardMetadata", "per_sample_values"],
     "metrics": ["ImageMetric", "alexnet_weights_path", "load_lpips", "silhouette_disagreement"],
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
         tile_views,
         zero123pp_layout,
     )
-    from .crop import crop_pairs, foreground_boxes, foreground_mask
+    from .crop import crop_pairs, foreground_boxes, foreground_mask, resize_to
     from .lpips_trunk import LPIPSTrunkError, fetch_lpips_trunk
     from .metadata import RewardMetadata, per_sample_values
     from .metrics import ImageMetric, alexnet_weights_path, load_lpips, silhouette_disagreement

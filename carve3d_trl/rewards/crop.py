@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crop_pairs", "foreground_boxes", "foreground_mask"]
+__all__ = ["crop_pairs", "foreground_boxes", "foreground_mask", "resize_to"]
 
 FOREGROUND_THRESHOLD = 0.05  # a pixel is foreground when a channel differs from the background by more than this
 CROP_PADDING = 5
@@ -69,6 +69,14 @@ def foreground_boxes(mask: torch.Tensor, padding: int = CROP_PADDING) -> torch.T
     return torch.where(empty[:, None], full, boxes)
 
 
+def resize_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images `(N, 3, h, w)` resized to `size` as MRC compares them (bicubic, antialiased; not clamped); returned as
+    they are when already that size."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bicubic", antialias=True)
+
+
 def crop_pairs(
     views: torch.Tensor, renders: torch.Tensor, background: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +101,7 @@ def crop_pairs(
     flat_renders = renders.reshape(b * v, c, out_h, out_w)
     boxes = foreground_boxes(foreground_mask(flat_views, background)).double()
     if (out_h, out_w) != (h, w):
-        flat_views = F.interpolate(flat_views, size=(out_h, out_w), mode="bicubic", antialias=True)
+        flat_views = resize_to(flat_views, (out_h, out_w))
         scale = boxes.new_tensor([out_h / h, out_w / w, out_h / h, out_w / w])
         boxes = torch.cat([(boxes[:, :2] * scale[:2]).floor(), (boxes[:, 2:] * scale[2:]).ceil()], dim=1)
     view_crops, render_crops = [], []

@@ -6,19 +6,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .cameras import CameraLayout, instant3d_layout, split_grid
-from .crop import crop_pairs
+from .crop import crop_pairs, resize_to
 from .metrics import ImageMetric, silhouette_disagreement
 from .reconstructors import Reconstructor, make_reconstructor
 
 __all__ = ["MRCReward"]
 
-# The default weights of the two terms added to LPIPS, chosen by the validity study (benchmarks/RESULTS.md); off
-# with the pixel metrics.
-SILHOUETTE_WEIGHTS = {"lpips": 10.0, "mse": 0.0, "psnr": 0.0}
-MSE_WEIGHTS = {"lpips": 10.0, "mse": 0.0, "psnr": 0.0}
+# Default (silhouette, MSE) weights of the two terms added to the metric: chosen with LPIPS by the validity study
+# (benchmarks/RESULTS.md), off with the pixel metrics.
+DEFAULT_TERM_WEIGHTS = {"lpips": (10.0, 10.0), "mse": (0.0, 0.0), "psnr": (0.0, 0.0)}
 
 
 class MRCReward:
@@ -83,8 +81,9 @@ class MRCReward:
         self.layout = layout if layout is not None else instant3d_layout()
         self.device = torch.device(device) if device is not None else None
         self.metric = ImageMetric(metric, lpips_pretrained=lpips_pretrained)
-        self.silhouette_weight = SILHOUETTE_WEIGHTS[metric] if silhouette_weight is None else float(silhouette_weight)
-        self.mse_weight = MSE_WEIGHTS[metric] if mse_weight is None else float(mse_weight)
+        default_silhouette, default_mse = DEFAULT_TERM_WEIGHTS[metric]
+        self.silhouette_weight = default_silhouette if silhouette_weight is None else float(silhouette_weight)
+        self.mse_weight = default_mse if mse_weight is None else float(mse_weight)
         if isinstance(reconstructor, str):
             kwargs = dict(reconstructor_kwargs or {})
             if reconstructor == "radiance_field":
@@ -170,9 +169,7 @@ class MRCReward:
     def _silhouette_disagreement(self, views: torch.Tensor, renders: torch.Tensor) -> torch.Tensor:
         """`1 - IoU` `(B, V)` of the foregrounds of the views `(B, V, 3, h, w)` (resized to the render size as
         `crop_pairs` does) and of the renders `(B, V, 3, h', w')`; NaN for views not evaluated (NaN renders)."""
-        flat_views, flat_renders = views.flatten(0, 1), renders.flatten(0, 1)
-        if flat_views.shape != flat_renders.shape:
-            size = flat_renders.shape[-2:]
-            flat_views = F.interpolate(flat_views, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        flat_renders = renders.flatten(0, 1)
+        flat_views = resize_to(views.flatten(0, 1), flat_renders.shape[-2:]).clamp(0, 1)
         silhouette = silhouette_disagreement(flat_views, flat_renders, self.layout.background).view(views.shape[:2])
         return torch.where(renders.isnan().flatten(2).any(dim=2), torch.nan, silhouette)

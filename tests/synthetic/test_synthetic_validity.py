@@ -62,7 +62,7 @@ def test_the_default_visual_hull_mrc_worsens_with_every_distortion_camera_errors
         assert result.first_gap_se[kind] == pytest.approx(float(gaps.std() / math.sqrt(2)))
 
 
-def test_the_silhouette_term_ranks_a_wrong_camera_on_objects_the_colours_alone_do_not():
+def test_the_silhouette_term_grows_with_a_wrong_cameras_error_and_counts_with_its_weight():
     # Seed 1's objects 2 and 7, whose painted colours alone (the hull's, pretrained LPIPS) scored better with one
     # view raised by up to 20 degrees (benchmarks/RESULTS.md): the silhouettes' disagreement grows with the error,
     # and MRC counts it with its weight.

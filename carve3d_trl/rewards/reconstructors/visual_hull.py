@@ -88,7 +88,7 @@ class VisualHullReconstructor:
         if protocol not in _PROTOCOL_OWN_VIEW_PENALTY:
             raise ValueError(f"Unknown protocol {protocol!r}; valid protocols: 'held_out', 'same_view'.")
         if surface not in _SURFACES:
-            raise ValueError(f"Unknown surface {surface!r}; valid surfaces: 'rounded', 'hull'.")
+            raise ValueError(f"Unknown surface {surface!r}; valid surfaces: {', '.join(map(repr, _SURFACES))}.")
         for name, value in (("render_size", render_size), ("samples_per_ray", samples_per_ray)):
             if value < 2:
                 raise ValueError(f"{name} must be at least 2, got {value}.")
