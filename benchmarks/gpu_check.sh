@@ -12,8 +12,9 @@
 #   a 15 s timeout here); that is recorded and the check goes on: with .venv/bin/python when it imports the project's
 #   dependencies, else with python3 and the repository on PYTHONPATH. If python3 lacks some of them (on a bare CUDA
 #   image typically diffusers, trl, lpips, datasets), put their wheels in .whl/ (or $GPU_CHECK_WHEELS): they are
-#   installed offline (pip --no-index --no-deps --target) before the tests. Nothing is downloaded: the models are
-#   built in-process with random weights, and HF_HUB_OFFLINE=1 is set.
+#   installed offline (pip --no-index --no-deps --target) before the tests; benchmarks/RESULTS.md ("GPU") has the
+#   command that fetched them for an H200 image (Python 3.12). Nothing is downloaded: the models are built in-process
+#   with random weights, and HF_HUB_OFFLINE=1 is set.
 # - One GPU (written for an H200 with 16 CPU cores): the whole check takes at most GPU_CHECK_BUDGET seconds (450,
 #   plus at most 15 s to kill a step that overran: under 8 minutes). Every step runs under `timeout`, each with a
 #   limit that keeps the later steps' minimum times in the budget; a failing or timed-out step (exit code 124) does
