@@ -3,8 +3,10 @@
 For `--num_prompts` captions of random scenes that are none of the toy training scenes' captions
 (`scene_dataset(--train_scenes, seed 0)`; every one-solid caption is a training caption, so these are two-solid
 captions) or, with `--captions single_solid`, of random one-solid scenes (trained captions, held-out seeds, yaws and
-sizes), and `--num_seeds` seeds per caption, every source is sampled from the same noise per (caption, seed) (DDIM
-`--steps` steps with eta `--eta`, guidance `--guidance`, the replication's sampler) and measured:
+sizes), or, with `--captions trained_two_solid`, the first two-solid captions of the training scenes (trained
+captions, held-out seeds, yaws and sizes: fitting apart from generalising), and `--num_seeds` seeds per caption,
+every source is sampled from the same noise per (caption, seed) (DDIM `--steps` steps with eta `--eta`, guidance
+`--guidance`, the replication's sampler) and measured:
 
 - adherence (`carve3d_trl.toy.adherence.measure_adherence`, the shipped classifier): the share of views showing
   exactly the caption's colours, its shapes, both; the share of samples whose every view does;
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+CAPTION_SETS = ("held_out", "single_solid", "trained_two_solid")
+
 
 def default_models() -> dict[str, Path]:
     from carve3d_trl.toy import toy_model_path, toy_single_view_path
@@ -47,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--captions",
         default="held_out",
-        choices=("held_out", "single_solid"),
-        help="Two-solid captions no training scene has, or one-solid captions (all of them are training captions).",
+        choices=CAPTION_SETS,
+        help="Two-solid captions no training scene has (held_out), one-solid captions (all of them are training "
+        "captions), or two-solid training captions (trained_two_solid).",
     )
     parser.add_argument("--train_scenes", type=int, default=1000, help="Toy training scenes whose captions to skip.")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps.")
@@ -71,12 +76,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def evaluation_scenes(num: int, train_scenes: int, seed: int, captions: str = "held_out") -> list:
-    """`num` random scenes with distinct captions: none a caption of the toy training scenes (`"held_out"`), or
-    one-solid scenes (`"single_solid"`)."""
+    """`num` scenes with distinct captions: random ones whose caption is none of the toy training scenes'
+    (`"held_out"`), random one-solid ones (`"single_solid"`), or the first two-solid training scenes
+    (`"trained_two_solid"`, the same for every `seed`)."""
     from carve3d_trl.toy.data import random_scene
 
     generator = torch.Generator().manual_seed(0)
-    trained = {random_scene(generator).caption for _ in range(train_scenes)} if captions == "held_out" else set()
+    training = [random_scene(generator) for _ in range(train_scenes)] if captions != "single_solid" else []
+    if captions == "trained_two_solid":
+        two_solid: dict[str, object] = {}
+        for scene in training:
+            if scene.relation != "alone":
+                two_solid.setdefault(scene.caption, scene)
+        if len(two_solid) < num:
+            raise ValueError(
+                f"The {train_scenes} training scenes have {len(two_solid)} distinct two-solid captions, fewer than "
+                f"--num_prompts {num}; lower --num_prompts."
+            )
+        return list(two_solid.values())[:num]
+    trained = {scene.caption for scene in training}
     generator = torch.Generator().manual_seed((20_000 if captions == "held_out" else 30_000) + seed)
     scenes: dict[str, object] = {}
     while len(scenes) < num:

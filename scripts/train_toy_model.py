@@ -5,7 +5,8 @@ it, the grid toy (stage 2), as Instant3D is made from SDXL (CPU, one thread).
    (`instant3d_layout()`) and at `--random_views` cameras at random azimuths and elevations 0-40 degrees.
 2. Train the VAE as an autoencoder on all the single views (foreground-weighted pixel and chroma errors, a small KL
    term) and set its latent scaling factor to 1 / latent std.
-3. Stage 1, the single-view model (32-px images, 8x8x4 latents): train the UNet and the text encoder with the
+3. Stage 1, the single-view model (32-px images, 8x8x4 latents; `--tokenizer`: characters, or one token per caption
+   word as CLIP's BPE gives common words): train the UNet and the text encoder with the
    epsilon-prediction DDPM loss (Min-SNR weighting, 10% empty captions for classifier-free guidance) on every single
    view and its mirror image; save it as `single_view/` (the "pretrained text-to-image model").
 4. Stage 2, the grid model (64x64 grids of 2x2 views, 16x16x4 latents): fine-tune the UNet of stage 1, text encoder
@@ -30,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="Gets single_view/, short/, long/.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scenes, the weights and the batches.")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("character", "word"),  # TOY_TOKENIZERS of carve3d_trl.toy.tokenizer (imported after parsing)
+        default="character",
+        help="The text encoder's tokenizer: characters (the shipped checkpoints') or one token per toy word.",
+    )
     parser.add_argument("--num_scenes", type=int, default=1000, help="Rendered scenes.")
     parser.add_argument("--random_views", type=int, default=4, help="Random-camera views per scene (stage 1).")
     parser.add_argument("--vae_steps", type=int, default=1000, help="VAE optimizer steps.")
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         single_views = torch.cat([grid_views, random_views], dim=1)
     logger.info("rendered %d scenes in %.0f s", args.num_scenes, time.time() - start)
 
-    pipeline = build_toy_pipeline(args.seed, image_size=SINGLE_VIEW_SIZE)
+    pipeline = build_toy_pipeline(args.seed, image_size=SINGLE_VIEW_SIZE, tokenizer=args.tokenizer)
     flat = single_views.flatten(0, 1)
     train_vae(
         pipeline.vae, flat, generator, args.vae_steps, args.vae_batch_size, args.vae_learning_rate, args.chroma_weight

@@ -158,3 +158,22 @@ def test_shipped_single_view_toy_draws_32_px_views(classifier):
     assert images.shape == (8, 3, 32, 32)
     summary = measure_adherence(images[:, None], ONE_SOLID, classifier).summary()
     assert summary["color"] >= 0.6 and summary["shape"] >= 0.9, summary
+
+
+def test_evaluation_caption_sets_separate_trained_from_held_out_captions():
+    from carve3d_trl.testing import load_script
+    from carve3d_trl.toy.data import random_scene
+
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "evaluate_toy_adherence.py")
+    generator = torch.Generator().manual_seed(0)
+    training = [random_scene(generator) for _ in range(200)]
+    trained = {scene.caption for scene in training}
+    held_out = script.evaluation_scenes(6, 200, seed=0, captions="held_out")
+    assert all(s.caption not in trained for s in held_out)
+    two_solid = script.evaluation_scenes(6, 200, seed=0, captions="trained_two_solid")
+    first = list(dict.fromkeys(s.caption for s in training if s.relation != "alone"))[:6]
+    assert [s.caption for s in two_solid] == first
+    single = script.evaluation_scenes(6, 200, seed=0, captions="single_solid")
+    assert all(s.relation == "alone" for s in single) and len({s.caption for s in single}) == 6
+    with pytest.raises(ValueError, match="lower --num_prompts"):
+        script.evaluation_scenes(500, 200, seed=0, captions="trained_two_solid")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..testing import assemble_sd_pipeline, build_tiny_tokenizer
+from ..testing import assemble_sd_pipeline
+from .tokenizer import build_toy_tokenizer
 
 __all__ = [
     "TOY_FAMILIES",
@@ -92,14 +93,15 @@ def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
     return pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE):
+def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenizer: str = "character"):
     """The toy architecture with random weights (what training starts from), deterministic in `seed`, for images
-    of `image_size` pixels (the UNet's `sample_size` is a quarter of it; the weights do not depend on it)."""
+    of `image_size` pixels (the UNet's `sample_size` is a quarter of it; the weights do not depend on it), with the
+    `"character"` tokenizer (the shipped checkpoints') or the `"word"` one (`carve3d_trl.toy.tokenizer`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tiny_tokenizer(tmp, model_max_length=MAX_CAPTION_LENGTH)
+        tokenizer = build_toy_tokenizer(tmp, tokenizer, model_max_length=MAX_CAPTION_LENGTH)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
