@@ -23,7 +23,8 @@ whose 3-sigma box overlaps it (`(tile_size^2, N_tile)` floats, a few tensors of 
 overlapping a pixel's tile)`, plus a Python loop over the tiles. Measured on one CPU thread (shared machine),
 4 views, Gaussians spread in a ball of radius 0.5 seen from 1.5 with standard deviations 0.005-0.02 (LGM-like):
 4,096 Gaussians at 64x64 about 0.3 s (0.7 s with standard deviations up to 0.07); 16,384 at 128x128 about 2 s;
-LGM's 65,536 at 128x128 about 9 s and at 256x256 about 10 s. The same code runs on a GPU (untested here).
+LGM's 65,536 at 128x128 about 9 s and at 256x256 about 10 s. The same code runs on a GPU: on an H200, with true fp32
+matrix products, its images equal the CPU's within 3e-7 (`tests/gpu/test_gpu_gaussian_splatting.py`).
 """
 
 from __future__ import annotations
