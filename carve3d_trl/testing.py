@@ -82,14 +82,20 @@ class TinyPipelineSpec:
         return down, up
 
 
+def character_tokens() -> list[str]:
+    """The tokens of the character-level CLIP vocabulary, in id order: the special tokens, then every printable ASCII
+    character alone and at a word's end (`"a"`, `"a</w>"`)."""
+    symbols = [c for c in string.printable if not c.isspace()]
+    return [*SPECIAL_TOKENS, *symbols, *(s + "</w>" for s in symbols)]
+
+
 def build_tiny_tokenizer(save_directory: str | Path, model_max_length: int = 32):
     """A character-level CLIP tokenizer (printable ASCII) of `model_max_length` tokens, built with public APIs only."""
     from transformers import CLIPTokenizer
 
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    symbols = [c for c in string.printable if not c.isspace()]
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *symbols, *(s + "</w>" for s in symbols)])}
+    vocab = {token: i for i, token in enumerate(character_tokens())}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
     tokenizer.save_pretrained(save_directory)
     return tokenizer

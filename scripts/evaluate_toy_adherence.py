@@ -79,10 +79,9 @@ def evaluation_scenes(num: int, train_scenes: int, seed: int, captions: str = "h
     """`num` scenes with distinct captions: random ones whose caption is none of the toy training scenes'
     (`"held_out"`), random one-solid ones (`"single_solid"`), or the first two-solid training scenes
     (`"trained_two_solid"`, the same for every `seed`)."""
-    from carve3d_trl.toy.data import random_scene
+    from carve3d_trl.toy.data import random_scene, random_scenes
 
-    generator = torch.Generator().manual_seed(0)
-    training = [random_scene(generator) for _ in range(train_scenes)] if captions != "single_solid" else []
+    training = random_scenes(train_scenes) if captions != "single_solid" else []
     if captions == "trained_two_solid":
         two_solid: dict[str, object] = {}
         for scene in training:

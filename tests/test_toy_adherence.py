@@ -165,7 +165,7 @@ def test_evaluation_caption_sets_separate_trained_from_held_out_captions():
     from carve3d_trl.toy.data import random_scene
 
     script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "evaluate_toy_adherence.py")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # the training scenes' draw (scene_dataset's), spelt out
     training = [random_scene(generator) for _ in range(200)]
     trained = {scene.caption for scene in training}
     held_out = script.evaluation_scenes(6, 200, seed=0, captions="held_out")

@@ -25,6 +25,7 @@ __all__ = [
     "Scene",
     "Solid",
     "random_scene",
+    "random_scenes",
     "render_random_views",
     "render_scenes",
     "scene_dataset",
@@ -195,8 +196,13 @@ def turned_and_mirrored(grids: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 4, 2, 5).reshape(8 * n, c, height, width)
 
 
+def random_scenes(num_scenes: int, seed: int = 0) -> list[Scene]:
+    """The first `num_scenes` random scenes of seed `seed` (what `scene_dataset` renders)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [random_scene(generator) for _ in range(num_scenes)]
+
+
 def scene_dataset(num_scenes: int, seed: int = 0, view_size: int = 32) -> tuple[list[str], torch.Tensor]:
     """`num_scenes` random scenes of seed `seed`: their captions and grid images (see `render_scenes`)."""
-    generator = torch.Generator().manual_seed(seed)
-    scenes = [random_scene(generator) for _ in range(num_scenes)]
+    scenes = random_scenes(num_scenes, seed)
     return [scene.caption for scene in scenes], render_scenes(scenes, view_size)

@@ -7,10 +7,9 @@ Both keep every printable ASCII character as a token, so any text tokenizes; onl
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
-from ..testing import SPECIAL_TOKENS, build_tiny_tokenizer
+from ..testing import build_tiny_tokenizer, character_tokens
 from .data import COLORS, RELATIONS, SHAPES, TEXTURES
 
 __all__ = ["TOY_TOKENIZERS", "build_toy_tokenizer", "toy_words"]
@@ -35,8 +34,7 @@ def build_toy_tokenizer(save_directory: str | Path, kind: str = "word", model_ma
         raise ValueError(f"Unknown toy tokenizer {kind!r}; valid tokenizers: {', '.join(TOY_TOKENIZERS)}.")
     if kind == "character":
         return build_tiny_tokenizer(save_directory, model_max_length=model_max_length)
-    symbols = [c for c in string.printable if not c.isspace()]
-    tokens = [*SPECIAL_TOKENS, *symbols, *(s + "</w>" for s in symbols)]
+    tokens = character_tokens()
     merges: list[tuple[str, str]] = []
     # BPE applies the lowest-ranked merge present first, so merges learnt for one word can split another: each pass
     # appends, after the existing ones, the merges that join the pieces a word still falls into, left to right.
