@@ -46,6 +46,7 @@ CPU_DEFAULTS = dict(
     prompt_dataset=str(EXAMPLE_PROMPTS),
     num_epochs=6,
     sample_num_steps=10,
+    sample_guidance_scale=3.0,  # the toy's: at 5 its colours over-shoot to neighbouring hues
     sample_batch_size=6,
     sample_num_batches_per_epoch=1,
     train_batch_size=3,

@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer",
         choices=("character", "word"),  # TOY_TOKENIZERS of carve3d_trl.toy.tokenizer (imported after parsing)
-        default="character",
-        help="The text encoder's tokenizer: characters (the shipped checkpoints') or one token per toy word.",
+        default="word",
+        help="The text encoder's tokenizer: one token per toy word (the shipped checkpoints') or characters.",
     )
     parser.add_argument("--num_scenes", type=int, default=1000, help="Rendered scenes.")
     parser.add_argument("--random_views", type=int, default=4, help="Random-camera views per scene (stage 1).")
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae_batch_size", type=int, default=16, help="Single views per VAE step.")
     parser.add_argument("--vae_learning_rate", type=float, default=2e-3, help="VAE AdamW learning rate.")
     parser.add_argument("--chroma_weight", type=float, default=10.0, help="VAE loss weight of the chroma error.")
-    parser.add_argument("--pretrain_steps", type=int, default=1000, help="Stage 1 (single-view) steps.")
+    parser.add_argument("--pretrain_steps", type=int, default=2000, help="Stage 1 (single-view) steps.")
     parser.add_argument("--pretrain_batch_size", type=int, default=128, help="Single views per stage 1 step.")
     parser.add_argument("--pretrain_learning_rate", type=float, default=1e-3, help="Stage 1 AdamW rate.")
     parser.add_argument("--short_steps", type=int, default=150, help="Stage 2 steps of the short-SFT checkpoint.")

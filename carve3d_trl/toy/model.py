@@ -1,8 +1,8 @@
 """The toy text-to-multi-view models: their architecture, and their trained weights shipped with the package.
 
-A Stable Diffusion pipeline in miniature (character-level CLIP tokenizer and text encoder, a 3-level `AutoencoderKL`
-with a 4x downsampled 4-channel latent, a 3-level `UNet2DConditionModel`, DDIM), made in two stages as real
-multi-view models are (`scripts/train_toy_model.py`):
+A Stable Diffusion pipeline in miniature (a CLIP tokenizer with one token per caption word, a CLIP text encoder, a
+3-level `AutoencoderKL` with a 4x downsampled 4-channel latent, a 3-level `UNet2DConditionModel`, DDIM), made in two
+stages as real multi-view models are (`scripts/train_toy_model.py`):
 
 1. a single-view text-to-image model (32-px views of the synthetic scenes of `carve3d_trl.toy.data` from many
    cameras), shipped as `weights/single_view/` (`toy_single_view_path()`), the toy's "pretrained" model;
@@ -53,7 +53,7 @@ TOY_MRC_RECONSTRUCTOR = {
     "density_offset": -1,
 }
 TEXT_HIDDEN_SIZE = 64
-MAX_CAPTION_LENGTH = 64  # characters
+MAX_CAPTION_LENGTH = 64  # tokens (a caption word each; a character each elsewhere)
 
 
 def toy_model_path(variant: str = "short", family: str = "grid") -> Path:
@@ -93,10 +93,10 @@ def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
     return pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenizer: str = "character"):
+def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenizer: str = "word"):
     """The toy architecture with random weights (what training starts from), deterministic in `seed`, for images
     of `image_size` pixels (the UNet's `sample_size` is a quarter of it; the weights do not depend on it), with the
-    `"character"` tokenizer (the shipped checkpoints') or the `"word"` one (`carve3d_trl.toy.tokenizer`)."""
+    `"word"` tokenizer (the shipped checkpoints') or the `"character"` one (`carve3d_trl.toy.tokenizer`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -1,5 +1,6 @@
 """Tokenizers of the toy text encoder: a CLIP BPE tokenizer whose merges make every word of the toy captions one token
-(as real CLIP's BPE does for common words), or the character-level one the shipped toy checkpoints were trained with.
+(as real CLIP's BPE does for common words; the shipped toy checkpoints'), or a character-level one (the toys before
+issue 17's word tokenizer).
 
 Both keep every printable ASCII character as a token, so any text tokenizes; only the toy words differ. Built with
 `transformers.CLIPTokenizer`'s public constructor, saved and loaded like any CLIP tokenizer.
