@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="word",
         help="The text encoder's tokenizer: one token per toy word (the shipped checkpoints') or characters.",
     )
+    parser.add_argument("--text_layers", type=int, default=2, help="Transformer layers of the text encoder.")
     parser.add_argument("--num_scenes", type=int, default=1000, help="Rendered scenes.")
     parser.add_argument("--random_views", type=int, default=4, help="Random-camera views per scene (stage 1).")
     parser.add_argument("--vae_steps", type=int, default=1000, help="VAE optimizer steps.")
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--short_steps must be in [1, --grid_steps = {args.grid_steps}], got {args.short_steps}.")
     if args.random_views < 0:
         parser.error(f"--random_views must be >= 0, got {args.random_views}.")
+    if args.text_layers < 1:
+        parser.error(f"--text_layers must be >= 1, got {args.text_layers}.")
     return args
 
 
@@ -146,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         single_views = torch.cat([grid_views, random_views], dim=1)
     logger.info("rendered %d scenes in %.0f s", args.num_scenes, time.time() - start)
 
-    pipeline = build_toy_pipeline(args.seed, image_size=SINGLE_VIEW_SIZE, tokenizer=args.tokenizer)
+    pipeline = build_toy_pipeline(
+        args.seed, image_size=SINGLE_VIEW_SIZE, tokenizer=args.tokenizer, text_layers=args.text_layers
+    )
     flat = single_views.flatten(0, 1)
     train_vae(
         pipeline.vae, flat, generator, args.vae_steps, args.vae_batch_size, args.vae_learning_rate, args.chroma_weight

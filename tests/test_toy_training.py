@@ -97,3 +97,25 @@ def test_vae_training_encoding_and_saving(tmp_path):
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
     assert loaded.unet.config.sample_size == 8
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_text_encoder_depth_changes_only_the_text_encoder():
+    shipped = build_toy_pipeline(seed=0, image_size=SINGLE_VIEW_SIZE)
+    deeper = build_toy_pipeline(seed=0, image_size=SINGLE_VIEW_SIZE, text_layers=4)
+    assert shipped.text_encoder.config.num_hidden_layers == 2 and deeper.text_encoder.config.num_hidden_layers == 4
+    for a, b in ((shipped.unet, deeper.unet), (shipped.vae, deeper.vae)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    ids = token_ids(deeper.tokenizer, ["a red cube on a blue sphere"])
+    assert deeper.text_encoder(ids)[0].shape == shipped.text_encoder(ids)[0].shape
+
+
+def test_training_script_refuses_a_text_encoder_without_layers(capsys):
+    from pathlib import Path
+
+    from carve3d_trl.testing import load_script
+
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "train_toy_model.py")
+    assert script.parse_args([]).text_layers == 2
+    with pytest.raises(SystemExit):
+        script.parse_args(["--text_layers", "0"])
+    assert "--text_layers must be >= 1, got 0" in capsys.readouterr().err

@@ -53,6 +53,7 @@ TOY_MRC_RECONSTRUCTOR = {
     "density_offset": -1,
 }
 TEXT_HIDDEN_SIZE = 64
+TEXT_LAYERS = 2
 MAX_CAPTION_LENGTH = 64  # tokens (a caption word each; a character each elsewhere)
 
 
@@ -93,10 +94,14 @@ def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
     return pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenizer: str = "word"):
+def build_toy_pipeline(
+    seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenizer: str = "word", text_layers: int = TEXT_LAYERS
+):
     """The toy architecture with random weights (what training starts from), deterministic in `seed`, for images
     of `image_size` pixels (the UNet's `sample_size` is a quarter of it; the weights do not depend on it), with the
-    `"word"` tokenizer (the shipped checkpoints') or the `"character"` one (`carve3d_trl.toy.tokenizer`)."""
+    `"word"` tokenizer (the shipped checkpoints') or the `"character"` one (`carve3d_trl.toy.tokenizer`) and a text
+    encoder of `text_layers` transformer layers (the shipped checkpoints': 2; the VAE's and UNet's initial weights do
+    not depend on it)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -129,7 +134,7 @@ def build_toy_pipeline(seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenize
                 vocab_size=len(tokenizer),
                 hidden_size=TEXT_HIDDEN_SIZE,
                 intermediate_size=2 * TEXT_HIDDEN_SIZE,
-                num_hidden_layers=2,
+                num_hidden_layers=text_layers,
                 num_attention_heads=4,
                 max_position_embeddings=MAX_CAPTION_LENGTH,
                 bos_token_id=tokenizer.bos_token_id,
