@@ -58,10 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_seeds", type=int, default=4, help="Samples per validation caption.")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (eta 1, as in DDPO), training and eval.")
     parser.add_argument(
-        "--guidance",
-        type=float,
-        default=3.0,
-        help="Classifier-free guidance scale (the toy's: at 5 its colours over-shoot).",
+        "--guidance", type=float, help="Classifier-free guidance scale (default: the toys', TOY_GUIDANCE_SCALE)."
     )
     parser.add_argument(
         "--learning_rate", type=float, default=1.5e-3, help="LoRA learning rate (at 3e-3 the toys' colours drift)."
@@ -119,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epochs, --train_prompts, --samples_per_prompt, --val_prompts and --steps must be >= 1.")
     if args.eval_seeds < 2:
         parser.error("--eval_seeds must be >= 2 (diversity compares samples of one prompt).")
+    if args.guidance is None:
+        from carve3d_trl.toy import TOY_GUIDANCE_SCALE
+
+        args.guidance = TOY_GUIDANCE_SCALE
     return args
 
 

@@ -37,7 +37,7 @@ from carve3d_trl import Carve3DConfig, Carve3DTrainer, ImageSamplesLogger, load_
 from carve3d_trl.pipelines import FAMILIES, model_camera_layout
 from carve3d_trl.rewards import MRCReward
 from carve3d_trl.rewards.arguments import MRCArguments, build_mrc_reward
-from carve3d_trl.toy import toy_model_path
+from carve3d_trl.toy import TOY_GUIDANCE_SCALE, toy_model_path
 
 logger = logging.getLogger("carve3d_train")
 EXAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "toy_scenes.txt"
@@ -46,7 +46,7 @@ CPU_DEFAULTS = dict(
     prompt_dataset=str(EXAMPLE_PROMPTS),
     num_epochs=6,
     sample_num_steps=10,
-    sample_guidance_scale=3.0,  # the toy's: at 5 its colours over-shoot to neighbouring hues
+    sample_guidance_scale=TOY_GUIDANCE_SCALE,
     sample_batch_size=6,
     sample_num_batches_per_epoch=1,
     train_batch_size=3,

@@ -59,10 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps.")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta.")
     parser.add_argument(
-        "--guidance",
-        type=float,
-        default=3.0,
-        help="Classifier-free guidance scale (the toy's: at 5 its colours over-shoot).",
+        "--guidance", type=float, help="Classifier-free guidance scale (default: the toys', TOY_GUIDANCE_SCALE)."
     )
     parser.add_argument("--no_mrc", action="store_true", help="Skip MRC (adherence and border only).")
     parser.add_argument("--no_data", action="store_true", help="Skip the data source.")
@@ -77,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.models = {m.split("=", 1)[0]: Path(m.split("=", 1)[1]) for m in args.models}
     if args.num_prompts < 1 or args.num_seeds < 1:
         parser.error(f"--num_prompts and --num_seeds must be >= 1, got {args.num_prompts} and {args.num_seeds}.")
+    if args.guidance is None:
+        from carve3d_trl.toy import TOY_GUIDANCE_SCALE
+
+        args.guidance = TOY_GUIDANCE_SCALE
     return args
 
 

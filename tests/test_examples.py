@@ -399,3 +399,10 @@ def test_docs_show_each_script_and_config():
         assert f"--config_file examples/accelerate/{name} examples/carve3d_train.py" in docs
     assert "python examples/evaluate_mrc.py" in docs and "python examples/curate_prompts.py" in docs
     assert "--machine_rank" in docs and "--main_process_ip" in docs
+
+
+def test_view_batched_toy_config_samples_at_the_toys_guidance():
+    from carve3d_trl.toy import TOY_GUIDANCE_SCALE
+
+    config = yaml.safe_load((ROOT / "examples" / "configs" / "view_batched_toy.yaml").read_text())
+    assert config["sample_guidance_scale"] == TOY_GUIDANCE_SCALE

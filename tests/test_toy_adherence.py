@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from carve3d_trl.rewards import instant3d_layout, tile_views
-from carve3d_trl.toy import render_scene_views, toy_model_path, toy_view_cameras
+from carve3d_trl.toy import TOY_GUIDANCE_SCALE, render_scene_views, toy_model_path, toy_view_cameras
 from carve3d_trl.toy.adherence import (
     ViewClassifier,
     caption_labels,
@@ -132,7 +132,6 @@ def test_evaluation_script_measures_data_and_a_checkpoint(tmp_path):
 
 ONE_SOLID = ["a red cube", "a blue sphere", "a green cylinder", "a yellow torus", "a striped purple cube"]
 ONE_SOLID += ["a checkered orange sphere", "a pink cylinder", "a brown torus"]
-TOY_GUIDANCE = 3.0  # the replication's and the evaluation's (at 5 the toys' colours over-shoot to neighbouring hues)
 
 
 @pytest.mark.parametrize("family", ["grid", "view_batched"])
@@ -142,7 +141,9 @@ def test_shipped_checkpoints_draw_the_captioned_single_solid(classifier, family,
     from carve3d_trl.toy import load_toy_pipeline
 
     pipe = load_toy_pipeline(variant, family=family)
-    images, _ = sample_with_kl(pipe, ONE_SOLID, list(range(8)), num_inference_steps=10, guidance_scale=TOY_GUIDANCE)
+    images, _ = sample_with_kl(
+        pipe, ONE_SOLID, list(range(8)), num_inference_steps=10, guidance_scale=TOY_GUIDANCE_SCALE
+    )
     summary = measure_adherence(images, ONE_SOLID, classifier).summary()  # measured: colour 88-100%, shape 100%
     assert summary["color"] >= 0.8 and summary["shape"] >= 0.9, summary
 
@@ -155,7 +156,9 @@ def test_shipped_single_view_toy_draws_32_px_views(classifier):
 
     pipe = StableDiffusionPipeline.from_pretrained(toy_single_view_path())
     assert pipe.unet.config.sample_size == 8
-    images, _ = sample_with_kl(pipe, ONE_SOLID, list(range(8)), num_inference_steps=10, guidance_scale=TOY_GUIDANCE)
+    images, _ = sample_with_kl(
+        pipe, ONE_SOLID, list(range(8)), num_inference_steps=10, guidance_scale=TOY_GUIDANCE_SCALE
+    )
     assert images.shape == (8, 3, 32, 32)
     summary = measure_adherence(images[:, None], ONE_SOLID, classifier).summary()  # measured: 100%, 100%
     assert summary["color"] >= 0.8 and summary["shape"] >= 0.9, summary

@@ -7,6 +7,7 @@ from .adherence import load_adherence_classifier, measure_adherence
 from .data import Scene, Solid, random_scene, render_random_views, render_scenes, scene_dataset, turned_and_mirrored
 from .model import (
     TOY_FAMILIES,
+    TOY_GUIDANCE_SCALE,
     TOY_MRC_RECONSTRUCTOR,
     TOY_VARIANTS,
     build_toy_pipeline,
@@ -24,6 +25,7 @@ from .view_batched import (
 
 __all__ = [
     "TOY_FAMILIES",
+    "TOY_GUIDANCE_SCALE",
     "TOY_MRC_RECONSTRUCTOR",
     "TOY_VARIANTS",
     "Scene",

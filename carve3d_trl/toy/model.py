@@ -52,6 +52,7 @@ TOY_MRC_RECONSTRUCTOR = {
     "steps": 50,
     "density_offset": -1,
 }
+TOY_GUIDANCE_SCALE = 3.0  # the toys' classifier-free guidance: at 5 their colours over-shoot to neighbouring hues
 TEXT_HIDDEN_SIZE = 64
 TEXT_LAYERS = 2
 MAX_CAPTION_LENGTH = 64  # tokens (a caption word each; a character each elsewhere)
