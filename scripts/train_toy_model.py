@@ -38,13 +38,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The text encoder's tokenizer: one token per toy word (the shipped checkpoints') or characters.",
     )
     parser.add_argument("--text_layers", type=int, default=2, help="Transformer layers of the text encoder.")
-    parser.add_argument("--num_scenes", type=int, default=1000, help="Rendered scenes.")
+    parser.add_argument("--num_scenes", type=int, default=1000, help="Multi-view scenes (stages 1 and 2).")
+    parser.add_argument(
+        "--pretrain_scenes",
+        type=int,
+        help="Scenes of stage 1 (default: --num_scenes): the first --num_scenes at the grid cameras and random ones, "
+        "the others at random cameras only (a larger single-view set, as image data outnumbers 3D data).",
+    )
     parser.add_argument("--random_views", type=int, default=4, help="Random-camera views per scene (stage 1).")
     parser.add_argument("--vae_steps", type=int, default=1000, help="VAE optimizer steps.")
     parser.add_argument("--vae_batch_size", type=int, default=16, help="Single views per VAE step.")
     parser.add_argument("--vae_learning_rate", type=float, default=2e-3, help="VAE AdamW learning rate.")
     parser.add_argument("--chroma_weight", type=float, default=10.0, help="VAE loss weight of the chroma error.")
-    parser.add_argument("--pretrain_steps", type=int, default=2000, help="Stage 1 (single-view) steps.")
+    parser.add_argument("--pretrain_steps", type=int, default=3000, help="Stage 1 (single-view) steps.")
     parser.add_argument("--pretrain_batch_size", type=int, default=128, help="Single views per stage 1 step.")
     parser.add_argument("--pretrain_learning_rate", type=float, default=1e-3, help="Stage 1 AdamW rate.")
     parser.add_argument("--short_steps", type=int, default=150, help="Stage 2 steps of the short-SFT checkpoint.")
@@ -62,6 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--random_views must be >= 0, got {args.random_views}.")
     if args.text_layers < 1:
         parser.error(f"--text_layers must be >= 1, got {args.text_layers}.")
+    if args.pretrain_scenes is None:
+        args.pretrain_scenes = args.num_scenes
+    if args.pretrain_scenes < args.num_scenes:
+        parser.error(
+            f"--pretrain_scenes must be >= --num_scenes = {args.num_scenes} (stage 1 sees every multi-view scene), "
+            f"got {args.pretrain_scenes}."
+        )
+    if args.pretrain_scenes > args.num_scenes and args.random_views < 1:
+        parser.error("--pretrain_scenes > --num_scenes needs --random_views >= 1: those scenes have no other views.")
     return args
 
 
@@ -139,20 +154,26 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     start = time.time()
     generator = torch.Generator().manual_seed(args.seed)
-    scenes = [random_scene(generator) for _ in range(args.num_scenes)]
-    captions = [scene.caption for scene in scenes]
+    scenes = [random_scene(generator) for _ in range(args.pretrain_scenes)]
+    multi_view = scenes[: args.num_scenes]
+    captions = [scene.caption for scene in multi_view]
     layout = instant3d_layout()
-    grid_views = render_scene_views(scenes, layout=layout)  # (N, 4, 3, 32, 32)
+    grid_views = render_scene_views(multi_view, layout=layout)  # (N, 4, 3, 32, 32)
     single_views = grid_views
     if args.random_views:
-        random_views = render_random_views(scenes, args.random_views, generator)
+        random_views = render_random_views(multi_view, args.random_views, generator)
         single_views = torch.cat([grid_views, random_views], dim=1)
-    logger.info("rendered %d scenes in %.0f s", args.num_scenes, time.time() - start)
+    single_captions = [c for c in captions for _ in range(single_views.shape[1])]
+    flat = single_views.flatten(0, 1)
+    if args.pretrain_scenes > args.num_scenes:  # stage-1-only scenes: random views only
+        single_only = scenes[args.num_scenes :]
+        flat = torch.cat([flat, render_random_views(single_only, args.random_views, generator).flatten(0, 1)])
+        single_captions += [s.caption for s in single_only for _ in range(args.random_views)]
+    logger.info("rendered %d scenes in %.0f s", args.pretrain_scenes, time.time() - start)
 
     pipeline = build_toy_pipeline(
         args.seed, image_size=SINGLE_VIEW_SIZE, tokenizer=args.tokenizer, text_layers=args.text_layers
     )
-    flat = single_views.flatten(0, 1)
     train_vae(
         pipeline.vae, flat, generator, args.vae_steps, args.vae_batch_size, args.vae_learning_rate, args.chroma_weight
     )
@@ -161,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     pipeline.vae.register_to_config(scaling_factor=scale)
     logger.info("vae done at %.0f s; latent scaling factor %.4f", time.time() - start, scale)
 
-    view_captions = [c for c in captions for _ in range(single_views.shape[1])] * 2
-    pretrain(pipeline, view_latents, view_captions, args, generator)
+    pretrain(pipeline, view_latents, single_captions * 2, args, generator)
     save_pipeline(pipeline, args.output_dir / "single_view")
     logger.info("stage 1 done at %.0f s", time.time() - start)
 

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--short_steps", type=int, default=200, help="UNet steps of the short-SFT checkpoint.")
     parser.add_argument("--unet_steps", type=int, default=1000, help="UNet steps of the long-SFT checkpoint.")
     parser.add_argument("--batch_size", type=int, default=24, help="Objects (of 4 views) per UNet step.")
-    parser.add_argument("--learning_rate", type=float, default=5e-4, help="UNet AdamW learning rate.")
+    parser.add_argument("--learning_rate", type=float, default=2e-4, help="UNet AdamW learning rate.")
     parser.add_argument("--snapshot_every", type=int, default=0, help="Also save every N UNet steps (0: never).")
     parser.add_argument("--snapshot_dir", type=Path, help="Where the snapshots go (default: output_dir/snapshots).")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")

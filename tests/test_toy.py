@@ -180,7 +180,7 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
         assert Path(f"{out}_{suffix}.png").stat().st_size > 0
 
 
-def test_training_script_is_deterministic_and_writes_the_single_view_short_and_long_checkpoints(tmp_path):
+def test_training_script_is_deterministic_writes_every_checkpoint_and_trains_stage_1_on_extra_scenes(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -189,6 +189,7 @@ def test_training_script_is_deterministic_and_writes_the_single_view_short_and_l
     tiny += ["--short_steps", "1", "--grid_steps", "2", "--warmup_steps", "1"]
     for run in ("a", "b"):
         run_script("scripts/train_toy_model.py", *tiny, "--output_dir", str(tmp_path / run))
+    run_script("scripts/train_toy_model.py", *tiny, "--pretrain_scenes", "5", "--output_dir", str(tmp_path / "more"))
 
     def weights(run: str, variant: str, part: str = "unet") -> dict[str, torch.Tensor]:
         name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
@@ -199,6 +200,8 @@ def test_training_script_is_deterministic_and_writes_the_single_view_short_and_l
         assert all(torch.equal(first[k], second[k]) for k in first)  # the same seed gives the same weights
         assert {t.dtype for t in first.values()} == {torch.float16}
     single, short, long = (weights("a", v) for v in ("single_view", "short", "long"))
+    more = weights("more", "single_view")  # two more scenes at random cameras change stage 1
+    assert any(not torch.equal(single[k], more[k]) for k in single)
     assert any(not torch.equal(single[k], short[k]) for k in short)  # stage 2 starts from stage 1 and trains on
     assert any(not torch.equal(short[k], long[k]) for k in short)  # the long checkpoint trained further
     text = [weights("a", v, "text_encoder") for v in ("single_view", "short", "long")]

@@ -119,3 +119,19 @@ def test_training_script_refuses_a_text_encoder_without_layers(capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--text_layers", "0"])
     assert "--text_layers must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_training_script_takes_extra_stage_1_scenes_and_refuses_fewer_than_the_multi_view_ones(capsys):
+    from pathlib import Path
+
+    from carve3d_trl.testing import load_script
+
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "train_toy_model.py")
+    assert script.parse_args(["--num_scenes", "7"]).pretrain_scenes == 7  # default: the multi-view scenes only
+    assert script.parse_args(["--pretrain_scenes", "3000"]).pretrain_scenes == 3000
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrain_scenes", "999"])
+    assert "--pretrain_scenes must be >= --num_scenes = 1000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrain_scenes", "1001", "--random_views", "0"])
+    assert "needs --random_views >= 1" in capsys.readouterr().err
