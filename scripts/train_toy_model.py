@@ -2,7 +2,8 @@
 it, the grid toy (stage 2), as Instant3D is made from SDXL (CPU, one thread).
 
 1. Render `--num_scenes` captioned synthetic scenes (`carve3d_trl.toy.data`) at the grid toy's 4 cameras
-   (`instant3d_layout()`) and at `--random_views` cameras at random azimuths and elevations 0-40 degrees.
+   (`instant3d_layout()`) and at `--random_views` cameras at random azimuths and elevations 0-40 degrees, and the
+   further scenes up to `--pretrain_scenes` (stage 1 only) at `--random_views` random cameras.
 2. Train the VAE as an autoencoder on all the single views (foreground-weighted pixel and chroma errors, a small KL
    term) and set its latent scaling factor to 1 / latent std.
 3. Stage 1, the single-view model (32-px images, 8x8x4 latents; `--tokenizer`: characters, or one token per caption
