@@ -1,6 +1,10 @@
 """A fast version of the MRC robustness study (the full one: benchmarks/bench_mrc_validity.py)."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +128,39 @@ def test_the_true_geometry_paints_consistent_views_closer_than_the_hull_and_rank
     )
     for kind in DISTORTIONS + CAMERA_DISTORTIONS:
         assert result.spearman[kind] == pytest.approx(1.0), (kind, result.mrc[kind])
+
+
+def test_pooling_validity_runs_gives_the_mean_over_every_objects_rho_and_refuses_a_repeated_seed(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+
+    def bench(script: str, *args: str) -> str:
+        command = [sys.executable, str(root / "benchmarks" / script), *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+
+    tiny = ["--metric", "psnr", "--objects", "2", "--levels", "0", "0.5", "1", "--distortions", "rotate", "patch"]
+    for seed in (0, 1):
+        bench(
+            "bench_mrc_validity.py",
+            *tiny,
+            "--seeds",
+            "0",
+            "--object_seed",
+            str(seed),
+            "--tag",
+            f"_{seed}",
+            "--out",
+            str(tmp_path),
+        )
+    runs = [tmp_path / f"mrc_validity_visual_hull_psnr_held_out_{seed}.json" for seed in (0, 1)]
+    table = bench("pool_mrc_validity.py", *map(str, runs))
+    per_run = [json.loads(path.read_text()) for path in runs]
+    for kind in ("rotate", "patch"):
+        pooled = sum(run["spearman"][kind] for run in per_run) / 2  # equal objects per run: the mean of the means
+        row = next(line for line in table.splitlines() if line.startswith(f"| {kind} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == "4"
+        assert float(cells[2].split(" ± ")[0]) == pytest.approx(pooled, abs=5e-4)
+
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        bench("pool_mrc_validity.py", str(runs[0]), str(runs[0]))
+    assert "Object seeds repeat" in error.value.stderr
