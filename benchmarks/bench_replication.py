@@ -99,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON arguments of a second reconstructor, always the radiance field, that rescores every evaluation "
         "sample, to check that the gains are not specific to the reward's ('{}': its defaults; 'none': no check).",
     )
+    parser.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=None,
+        help="UNet modules given LoRA adapters, by peft's matching of name endings (default: the library's, "
+        "to_q, to_k, to_v and to_out.0 of every attention; e.g. attn1.to_q attn1.to_k attn1.to_v attn1.to_out.0 for "
+        "the self-attention only, which attends across the views in the view-batched toy).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the runs and of the evaluation noise.")
     parser.add_argument(
         "--family",
@@ -120,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from carve3d_trl.toy import TOY_GUIDANCE_SCALE
 
         args.guidance = TOY_GUIDANCE_SCALE
+    if args.lora_target_modules is None:
+        from carve3d_trl.pipelines import DEFAULT_LORA_TARGETS
+
+        args.lora_target_modules = DEFAULT_LORA_TARGETS
+    args.lora_target_modules = tuple(args.lora_target_modules)
     return args
 
 
@@ -210,6 +223,18 @@ class RandomReward:
         return torch.randn(len(rewards), generator=self.generator), info
 
 
+def check_lora_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    """Refuse, before any sampling, `--lora_target_modules` names that match no module of `unet` (peft matches a
+    target to a module whose name is the target or ends with `.` + the target)."""
+    names = [name for name, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(
+            f"--lora_target_modules {' '.join(missing)} match no module of the toy UNet; use attention layer names "
+            "such as to_q, attn1.to_q or attn2.to_out.0."
+        )
+
+
 def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workdir: Path):
     """Fine-tune LoRA adapters of the short-SFT model with Carve3D; returns the trainer (its pipeline and history)."""
     from carve3d_trl import Carve3DConfig, Carve3DTrainer, load_ddpo_pipeline
@@ -239,7 +264,9 @@ def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workd
         logdir=str(workdir / ("kl" if kl else "no_kl")),
         seed=args.seed,
     )
-    pipeline = load_ddpo_pipeline(str(toy_model_path("short", family=args.family)), lora_rank=4)
+    pipeline = load_ddpo_pipeline(
+        str(toy_model_path("short", family=args.family)), lora_rank=4, lora_target_modules=args.lora_target_modules
+    )
     trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline)
     trainer.sd_pipeline.set_progress_bar_config(disable=True)
     trainer.train()
@@ -413,6 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["data"] = evaluate(data, torch.zeros(len(prompts)), scorers, prompts, *num)
     pipeline_class = StableDiffusionPipeline if args.family == "grid" else MultiViewDiffusionPipeline
     base = pipeline_class.from_pretrained(toy_model_path("short", family=args.family), torch_dtype=torch.float32)
+    check_lora_targets(base.unet, args.lora_target_modules)
     long = pipeline_class.from_pretrained(toy_model_path("long", family=args.family), torch_dtype=torch.float32)
     images, kl = sample_with_kl(base, prompts, sample_seeds, **sampling)
     results["base (short SFT)"] = evaluate(images, kl, scorers, prompts, *num)

@@ -230,3 +230,25 @@ def test_the_random_reward_control_keeps_the_metadata_and_replaces_the_rewards_b
     assert info["mrc"].eq(3.0).all()  # the metadata (MRC, logged in the history) is the wrapped reward's
     assert not first.eq(7.0).any() and first.std() > 0
     assert torch.equal(first, again) and not torch.equal(first, second)  # seeded, and fresh at every call
+
+
+def test_the_replication_can_adapt_only_the_cross_view_attention_and_refuses_unknown_lora_targets(monkeypatch):
+    from carve3d_trl import load_ddpo_pipeline
+    from carve3d_trl.pipelines import DEFAULT_LORA_TARGETS
+    from carve3d_trl.testing import load_script
+    from carve3d_trl.toy import toy_model_path
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script's `harness`
+    module = load_script(ROOT / "benchmarks" / "bench_replication.py")
+    assert module.parse_args([]).lora_target_modules == tuple(DEFAULT_LORA_TARGETS)
+    attn1 = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+    args = module.parse_args(["--family", "view_batched", "--lora_target_modules", *attn1])
+    path = str(toy_model_path("short", family="view_batched"))
+    pipeline = load_ddpo_pipeline(path, lora_rank=4, lora_target_modules=args.lora_target_modules)
+    adapted = {name for name, p in pipeline.get_trainable_layers().named_parameters() if p.requires_grad}
+    assert adapted and all(".attn1." in name and "lora_" in name for name in adapted)
+    default = load_ddpo_pipeline(path, lora_rank=4, lora_target_modules=module.parse_args([]).lora_target_modules)
+    assert any(".attn2." in name for name, p in default.get_trainable_layers().named_parameters() if p.requires_grad)
+    module.check_lora_targets(pipeline.unet, attn1)
+    with pytest.raises(ValueError, match="--lora_target_modules attn9.to_q match no module"):
+        module.check_lora_targets(pipeline.unet, ("attn9.to_q", "to_q"))
