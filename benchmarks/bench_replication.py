@@ -6,7 +6,8 @@
    prompt), i.e. the distribution-shift trade-off.
 
 `--family grid` (default) uses the grid toy; `--family view_batched` the view-batched toy (4 views at its own cameras,
-which MRC reconstructs from). Two `Carve3DTrainer` runs fine-tune LoRA adapters of `toy_model_path("short")` on
+which MRC reconstructs from); `--short_model` and `--long_model` replace the shipped checkpoints of that family by
+others of it (e.g. a retrained toy). Two `Carve3DTrainer` runs fine-tune LoRA adapters of the short checkpoint on
 `--train_prompts` captions with `MRCReward` (`--reconstructor`: the radiance field of the recorded runs, default
 `held_out` protocol, fitted at 16 px with 50 steps to fit the CPU budget, or the library's default, the visual hull;
 `--reconstructor_kwargs`; the same reward scores the evaluation, a stronger radiance field rescores it): one with
@@ -114,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("grid", "view_batched"),
         help="Which toy: the grid toy (2x2 grids) or the view-batched one (4 views, MVDream's architecture).",
     )
+    for variant in ("short", "long"):
+        parser.add_argument(
+            f"--{variant}_model",
+            type=Path,
+            default=None,
+            help=f"A {variant}-SFT checkpoint folder of --family's pipeline (default: the shipped toy's).",
+        )
     parser.add_argument("--out", type=Path, default=RESULTS / "replication", help="Prefix of the .json and .png.")
     args = parser.parse_args(argv)
     if args.reconstructor_kwargs is None:
@@ -128,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from carve3d_trl.toy import TOY_GUIDANCE_SCALE
 
         args.guidance = TOY_GUIDANCE_SCALE
+    check_models(args, parser)
     if args.lora_target_modules is None:
         from carve3d_trl.pipelines import DEFAULT_LORA_TARGETS
 
@@ -223,6 +232,27 @@ class RandomReward:
         return torch.randn(len(rewards), generator=self.generator), info
 
 
+def check_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill `--short_model`/`--long_model` with the shipped toy's checkpoints, and refuse a folder that is not a
+    diffusers pipeline of `--family`."""
+    from carve3d_trl.pipelines import detect_family
+    from carve3d_trl.toy import toy_model_path
+
+    expected = {"grid": "sd", "view_batched": "view_batched"}[args.family]
+    for variant in ("short", "long"):
+        flag = f"--{variant}_model"
+        path = getattr(args, f"{variant}_model") or toy_model_path(variant, family=args.family)
+        if not (path / "model_index.json").is_file():
+            parser.error(f"{flag} {path} holds no model_index.json; pass a diffusers pipeline folder.")
+        found = detect_family(str(path))
+        if found != expected:
+            parser.error(
+                f"{flag} {path} is a pipeline of family '{found}'; --family {args.family} needs family '{expected}' "
+                "(or pass that checkpoint's --family)."
+            )
+        setattr(args, f"{variant}_model", path)
+
+
 def check_lora_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
     """Refuse, before any sampling, `--lora_target_modules` names that match no module of `unet` (peft matches a
     target to a module whose name is the target or ends with `.` + the target)."""
@@ -238,7 +268,6 @@ def check_lora_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
 def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workdir: Path):
     """Fine-tune LoRA adapters of the short-SFT model with Carve3D; returns the trainer (its pipeline and history)."""
     from carve3d_trl import Carve3DConfig, Carve3DTrainer, load_ddpo_pipeline
-    from carve3d_trl.toy import toy_model_path
 
     prompt_file = workdir / "train_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
@@ -264,9 +293,7 @@ def rl_run(args: argparse.Namespace, prompts: list[str], kl: bool, reward, workd
         logdir=str(workdir / ("kl" if kl else "no_kl")),
         seed=args.seed,
     )
-    pipeline = load_ddpo_pipeline(
-        str(toy_model_path("short", family=args.family)), lora_rank=4, lora_target_modules=args.lora_target_modules
-    )
+    pipeline = load_ddpo_pipeline(str(args.short_model), lora_rank=4, lora_target_modules=args.lora_target_modules)
     trainer = Carve3DTrainer(config, reward, sd_pipeline=pipeline)
     trainer.sd_pipeline.set_progress_bar_config(disable=True)
     trainer.train()
@@ -411,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from carve3d_trl.evaluation import sample_with_kl
     from carve3d_trl.pipelines import MultiViewDiffusionPipeline
     from carve3d_trl.rewards import MRCReward, instant3d_layout
-    from carve3d_trl.toy import toy_model_path, toy_view_cameras
+    from carve3d_trl.toy import toy_view_cameras
 
     start = time.time()
     timings: dict[str, float] = {}
@@ -439,9 +466,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = data_samples(val_scenes, seeds, args.family)
     results["data"] = evaluate(data, torch.zeros(len(prompts)), scorers, prompts, *num)
     pipeline_class = StableDiffusionPipeline if args.family == "grid" else MultiViewDiffusionPipeline
-    base = pipeline_class.from_pretrained(toy_model_path("short", family=args.family), torch_dtype=torch.float32)
+    base = pipeline_class.from_pretrained(args.short_model, torch_dtype=torch.float32)
     check_lora_targets(base.unet, args.lora_target_modules)
-    long = pipeline_class.from_pretrained(toy_model_path("long", family=args.family), torch_dtype=torch.float32)
+    long = pipeline_class.from_pretrained(args.long_model, torch_dtype=torch.float32)
     images, kl = sample_with_kl(base, prompts, sample_seeds, **sampling)
     results["base (short SFT)"] = evaluate(images, kl, scorers, prompts, *num)
     images, kl = sample_with_kl(long, prompts, sample_seeds, reference=base, **sampling)

@@ -252,3 +252,23 @@ def test_the_replication_can_adapt_only_the_cross_view_attention_and_refuses_unk
     module.check_lora_targets(pipeline.unet, attn1)
     with pytest.raises(ValueError, match="--lora_target_modules attn9.to_q match no module"):
         module.check_lora_targets(pipeline.unet, ("attn9.to_q", "to_q"))
+
+
+def test_the_replication_takes_other_checkpoints_of_its_family_and_refuses_the_wrong_family(monkeypatch, capsys):
+    from carve3d_trl.testing import load_script
+    from carve3d_trl.toy import toy_model_path
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script's `harness`
+    module = load_script(ROOT / "benchmarks" / "bench_replication.py")
+    args = module.parse_args(["--family", "view_batched"])
+    assert args.short_model == toy_model_path("short", family="view_batched")
+    assert args.long_model == toy_model_path("long", family="view_batched")
+    grid_long = toy_model_path("long", family="grid")
+    assert module.parse_args(["--short_model", str(grid_long)]).short_model == grid_long
+    with pytest.raises(SystemExit):
+        module.parse_args(["--family", "view_batched", "--long_model", str(grid_long)])
+    error = capsys.readouterr().err
+    assert f"--long_model {grid_long} is a pipeline of family 'sd'; --family view_batched needs family" in error
+    with pytest.raises(SystemExit):
+        module.parse_args(["--short_model", str(grid_long / "unet")])
+    assert "holds no model_index.json" in capsys.readouterr().err
