@@ -238,7 +238,7 @@ def check_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     from carve3d_trl.pipelines import detect_family
     from carve3d_trl.toy import toy_model_path
 
-    expected = {"grid": "sd", "view_batched": "view_batched"}[args.family]
+    expected = detect_family(str(toy_model_path("short", family=args.family)))
     for variant in ("short", "long"):
         flag = f"--{variant}_model"
         path = getattr(args, f"{variant}_model") or toy_model_path(variant, family=args.family)
@@ -254,10 +254,15 @@ def check_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 
 def check_lora_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
-    """Refuse, before any sampling, `--lora_target_modules` names that match no module of `unet` (peft matches a
-    target to a module whose name is the target or ends with `.` + the target)."""
+    """Refuse, before any sampling, `--lora_target_modules` names that match no module of `unet` (by peft's own
+    matching, as the adapters will be added)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     names = [name for name, _ in unet.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [
+        t for t in targets if not any(check_target_module_exists(LoraConfig(target_modules=[t]), n) for n in names)
+    ]
     if missing:
         raise ValueError(
             f"--lora_target_modules {' '.join(missing)} match no module of the toy UNet; use attention layer names "

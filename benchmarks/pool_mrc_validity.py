@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 from pathlib import Path
+
+from carve3d_trl.rewards import metric_higher_is_better
 
 # Settings that must agree for objects of different runs to be pooled.
 SHARED_SETTINGS = (
@@ -52,15 +54,14 @@ def load_runs(paths: list[Path]) -> list[dict]:
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    variance = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-    return mean, math.sqrt(variance / len(values))
+    """The mean of `values` and its standard error."""
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
 def main() -> None:
     args = parse_args()
     runs = load_runs(args.runs)
-    sign = 1.0 if runs[0]["metric"] == "psnr" else -1.0  # PSNR: higher is more consistent; MSE, LPIPS: lower
+    sign = 1.0 if metric_higher_is_better(runs[0]["metric"]) else -1.0
     seeds = ", ".join(str(run["object_seed"]) for run in runs)
     print(f"{runs[0]['metric']}, {runs[0]['reconstructor']} ({runs[0]['protocol']}), object seeds {seeds}\n")
     print(

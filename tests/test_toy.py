@@ -254,6 +254,28 @@ def test_the_replication_can_adapt_only_the_cross_view_attention_and_refuses_unk
         module.check_lora_targets(pipeline.unet, ("attn9.to_q", "to_q"))
 
 
+def test_the_replications_rl_runs_load_the_chosen_short_checkpoint_with_the_chosen_lora_targets(monkeypatch, tmp_path):
+    import carve3d_trl
+    from carve3d_trl.testing import load_script
+    from carve3d_trl.toy import toy_model_path
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script's `harness`
+    module = load_script(ROOT / "benchmarks" / "bench_replication.py")
+    other = toy_model_path("long", family="view_batched")
+    args = module.parse_args(["--family", "view_batched", "--short_model", str(other)])
+    args.lora_target_modules = ("attn1.to_q",)
+    loaded = {}
+
+    def record_and_stop(path, **kwargs):
+        loaded.update(path=path, **kwargs)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(carve3d_trl, "load_ddpo_pipeline", record_and_stop)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        module.rl_run(args, ["a red cube", "a blue sphere"], kl=True, reward=None, workdir=tmp_path)
+    assert loaded["path"] == str(other) and loaded["lora_target_modules"] == ("attn1.to_q",)
+
+
 def test_the_replication_takes_other_checkpoints_of_its_family_and_refuses_the_wrong_family(monkeypatch, capsys):
     from carve3d_trl.testing import load_script
     from carve3d_trl.toy import toy_model_path

@@ -24,7 +24,14 @@ _EXPORTS = {
     "crop": ["crop_pairs", "foreground_boxes", "foreground_mask", "resize_to"],
     "lpips_trunk": ["LPIPSTrunkError", "fetch_lpips_trunk"],
     "metadata": ["RewardMetadata", "per_sample_values"],
-    "metrics": ["ImageMetric", "alexnet_weights_path", "load_lpips", "silhouette_disagreement"],
+    "metrics": [
+        "METRIC_NAMES",
+        "ImageMetric",
+        "alexnet_weights_path",
+        "load_lpips",
+        "metric_higher_is_better",
+        "silhouette_disagreement",
+    ],
     "mrc": ["MRCReward"],
     "reconstructors": [
         "InstantMeshReconstructor",
@@ -56,7 +63,14 @@ if TYPE_CHECKING:
     from .crop import crop_pairs, foreground_boxes, foreground_mask, resize_to
     from .lpips_trunk import LPIPSTrunkError, fetch_lpips_trunk
     from .metadata import RewardMetadata, per_sample_values
-    from .metrics import ImageMetric, alexnet_weights_path, load_lpips, silhouette_disagreement
+    from .metrics import (
+        METRIC_NAMES,
+        ImageMetric,
+        alexnet_weights_path,
+        load_lpips,
+        metric_higher_is_better,
+        silhouette_disagreement,
+    )
     from .mrc import MRCReward
     from .reconstructors import (
         InstantMeshReconstructor,

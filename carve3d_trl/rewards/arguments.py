@@ -10,14 +10,14 @@ from typing import Any
 import torch
 
 from .cameras import CameraLayout, instant3d_layout, zero123pp_layout
-from .metrics import alexnet_weights_path
+from .metrics import METRIC_NAMES, alexnet_weights_path
 from .mrc import MRCReward
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = {"instant3d": instant3d_layout, "zero123pp": zero123pp_layout}  # grid layouts
 LAYOUT_CHOICES = ("auto", "model", *LAYOUTS)
-METRICS = ("auto", "lpips", "mse", "psnr")
+METRICS = ("auto", *METRIC_NAMES)
 RECONSTRUCTORS = ("visual_hull", "radiance_field", "openlrm", "instantmesh", "lgm")
 
 

@@ -59,6 +59,16 @@ def load_lpips(pretrained: bool = True) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+METRIC_NAMES = ("lpips", "mse", "psnr")
+
+
+def metric_higher_is_better(name: str) -> bool:
+    """Whether larger values of the metric `name` (one of `METRIC_NAMES`) mean closer images: PSNR only."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"Unknown metric {name!r}; valid metrics: {', '.join(map(repr, METRIC_NAMES))}.")
+    return name == "psnr"
+
+
 class ImageMetric(nn.Module):
     """A per-image distance or similarity between two image batches in [0, 1].
 
@@ -72,10 +82,8 @@ class ImageMetric(nn.Module):
 
     def __init__(self, name: str, lpips_pretrained: bool = True):
         super().__init__()
-        if name not in ("lpips", "mse", "psnr"):
-            raise ValueError(f"Unknown metric {name!r}; valid metrics: 'lpips', 'mse', 'psnr'.")
+        self.higher_is_better = metric_higher_is_better(name)
         self.name = name
-        self.higher_is_better = name == "psnr"
         self.lpips = load_lpips(lpips_pretrained) if name == "lpips" else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

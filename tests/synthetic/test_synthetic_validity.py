@@ -160,6 +160,10 @@ def test_pooling_validity_runs_gives_the_mean_over_every_objects_rho_and_refuses
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[1] == "4"
         assert float(cells[2].split(" ± ")[0]) == pytest.approx(pooled, abs=5e-4)
+        gap = sum(run["first_gap"][kind] for run in per_run) / 2  # signed by the study: > 0 when MRC worsens
+        assert math.copysign(1.0, float(cells[6])) == math.copysign(1.0, gap)
+        worse = sum(run["first_worse"][kind] for run in per_run) / 2
+        assert cells[7] == f"{worse:.0%}"
 
     with pytest.raises(subprocess.CalledProcessError) as error:
         bench("pool_mrc_validity.py", str(runs[0]), str(runs[0]))
