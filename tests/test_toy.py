@@ -129,9 +129,12 @@ def test_carve3d_fine_tunes_the_toy_model_with_the_mrc_reward(tmp_path):
     assert trainer.history[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the LoRA starts as the base model
 
 
-def run_script(script: str, *args: str) -> None:
-    """Run a benchmark or script as its users do, in its own process (its logging and threads stay its own)."""
-    subprocess.run([sys.executable, str(ROOT / script), *args], check=True, capture_output=True, timeout=900)
+def run_script(script: str, *args: str) -> str:
+    """Run a benchmark or script as its users do, in its own process (its logging and threads stay its own); its
+    standard output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], check=True, capture_output=True, text=True, timeout=900
+    ).stdout
 
 
 @pytest.mark.parametrize("family, reconstructor", [("grid", "radiance_field"), ("view_batched", "visual_hull")])
@@ -178,6 +181,62 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
         assert len(report["histories"][name]) == 2 and "kl_mean" in report["histories"][name][0]
     for suffix in ("curves", "summary", "samples"):
         assert Path(f"{out}_{suffix}.png").stat().st_size > 0
+
+
+def test_the_replications_are_pooled_over_seeds_and_only_runs_of_one_setting(tmp_path):
+    tiny = ["--epochs", "2", "--train_prompts", "2", "--samples_per_prompt", "2", "--val_prompts", "2"]
+    tiny += [
+        "--eval_seeds",
+        "2",
+        "--steps",
+        "2",
+        "--reconstructor",
+        "visual_hull",
+        "--check_reconstructor_kwargs",
+        "none",
+    ]
+    paths = [tmp_path / f"seed{seed}.json" for seed in (0, 1)]
+    for seed, path in zip((0, 1), paths):
+        run_script("benchmarks/bench_replication.py", *tiny, "--seed", str(seed), "--out", str(path.with_suffix("")))
+    runs = [json.loads(path.read_text()) for path in paths]
+    assert runs[0]["val_prompts"] != runs[1]["val_prompts"]  # another seed, other captions
+
+    table = run_script("benchmarks/pool_replication.py", *map(str, paths))
+    for name in ("data", "RL + KL", "RL, no KL", "long SFT"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        gains = [run["summary"][name]["mrc_change_mean"] for run in runs]
+        assert [float(g.split(" ± ")[0]) for g in cells[1].split(", ")] == pytest.approx(gains, abs=5e-3)
+        assert float(cells[2].strip("*").split(" ± ")[0]) == pytest.approx(sum(gains) / 2, abs=5e-3)
+        colour = [
+            100
+            * (r["summary"][name]["color_adherence_mean"] - r["summary"]["base (short SFT)"]["color_adherence_mean"])
+            for r in runs
+        ]
+        assert float(cells[7].split(" ± ")[0]) == pytest.approx(sum(colour) / 2, abs=0.05)
+    kl_lower = sum(r["summary"]["RL + KL"]["kl_mean"] < r["summary"]["RL, no KL"]["kl_mean"] for r in runs)
+    assert f"lower than without: in {kl_lower} of 2 seeds" in table
+
+    # a run of an older code, which recorded neither the LoRA targets nor the checkpoints, pools with a newer one
+    # made in another clone; a run of another setting, or a repeated seed, does not
+    older = json.loads(paths[0].read_text())
+    for key in ("lora_target_modules", "short_model", "long_model"):
+        del older["settings"][key]
+    older_path = tmp_path / "older.json"
+    older_path.write_text(json.dumps(older))
+    elsewhere = json.loads(paths[1].read_text())
+    elsewhere["settings"]["short_model"] = "/elsewhere/carve3d_trl/toy/weights/short"
+    elsewhere_path = tmp_path / "elsewhere.json"
+    elsewhere_path.write_text(json.dumps(elsewhere))
+    assert "seeds 0, 1" in run_script("benchmarks/pool_replication.py", str(older_path), str(elsewhere_path))
+    other = json.loads(paths[1].read_text())
+    other["settings"]["kl_coeff"] = 0.2
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    for pair, message in (((paths[0], other_path), "has kl_coeff=0.2"), ((paths[0], paths[0]), "Seeds repeat")):
+        with pytest.raises(subprocess.CalledProcessError) as error:
+            run_script("benchmarks/pool_replication.py", *map(str, pair))
+        assert message in error.value.stderr
 
 
 def test_training_script_is_deterministic_writes_every_checkpoint_and_trains_stage_1_on_extra_scenes(tmp_path):
