@@ -183,6 +183,29 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
         assert Path(f"{out}_{suffix}.png").stat().st_size > 0
 
 
+def test_the_replication_evaluates_the_short_and_long_checkpoints_it_is_given(tmp_path):
+    from carve3d_trl.toy import toy_model_path
+
+    tiny = ["--epochs", "1", "--runs", "kl", "--train_prompts", "1", "--samples_per_prompt", "2", "--val_prompts", "2"]
+    tiny += [
+        "--eval_seeds",
+        "2",
+        "--steps",
+        "2",
+        "--reconstructor",
+        "visual_hull",
+        "--check_reconstructor_kwargs",
+        "none",
+    ]
+    swapped = ["--short_model", str(toy_model_path("long")), "--long_model", str(toy_model_path("short"))]
+    run_script("benchmarks/bench_replication.py", *tiny, "--out", str(tmp_path / "shipped"))
+    run_script("benchmarks/bench_replication.py", *tiny, *swapped, "--out", str(tmp_path / "swapped"))
+    shipped, swapped = (json.loads((tmp_path / f"{n}.json").read_text())["per_sample"] for n in ("shipped", "swapped"))
+    assert swapped["base (short SFT)"]["mrc"] == shipped["long SFT"]["mrc"]  # same noise, the other checkpoint
+    assert swapped["long SFT"]["mrc"] == shipped["base (short SFT)"]["mrc"]
+    assert swapped["base (short SFT)"]["mrc"] != shipped["base (short SFT)"]["mrc"]
+
+
 def test_the_replications_are_pooled_over_seeds_and_only_runs_of_one_setting(tmp_path):
     tiny = ["--epochs", "2", "--train_prompts", "2", "--samples_per_prompt", "2", "--val_prompts", "2"]
     tiny += [
