@@ -22,6 +22,9 @@ LAYOUT = instant3d_layout()
 SOLID = rf"an? (?:(?:striped|checkered) )?(?:{'|'.join(COLORS)}) (?:{'|'.join(SHAPES)})"
 CAPTION = re.compile(rf"{SOLID}(?: (?:on|next to) {SOLID})?")
 CHEAP_RECONSTRUCTOR = {"fit_size": 8, "grid_resolution": 8, "samples_per_ray": 8, "steps": 10}
+# A replication of seconds: 2 validation captions x 2 seeds of 2 DDIM steps, the visual hull, no second reconstructor.
+TINY_EVALUATION = ["--samples_per_prompt", "2", "--val_prompts", "2", "--eval_seeds", "2", "--steps", "2"]
+TINY_EVALUATION += ["--reconstructor", "visual_hull", "--check_reconstructor_kwargs", "none"]
 
 
 def scene_with(relation: str, seed: int = 0):
@@ -186,17 +189,7 @@ def test_replication_benchmark_smoke(tmp_path, family, reconstructor):
 def test_the_replication_evaluates_the_short_and_long_checkpoints_it_is_given(tmp_path):
     from carve3d_trl.toy import toy_model_path
 
-    tiny = ["--epochs", "1", "--runs", "kl", "--train_prompts", "1", "--samples_per_prompt", "2", "--val_prompts", "2"]
-    tiny += [
-        "--eval_seeds",
-        "2",
-        "--steps",
-        "2",
-        "--reconstructor",
-        "visual_hull",
-        "--check_reconstructor_kwargs",
-        "none",
-    ]
+    tiny = [*TINY_EVALUATION, "--epochs", "1", "--runs", "kl", "--train_prompts", "1"]
     swapped = ["--short_model", str(toy_model_path("long")), "--long_model", str(toy_model_path("short"))]
     run_script("benchmarks/bench_replication.py", *tiny, "--out", str(tmp_path / "shipped"))
     run_script("benchmarks/bench_replication.py", *tiny, *swapped, "--out", str(tmp_path / "swapped"))
@@ -207,17 +200,7 @@ def test_the_replication_evaluates_the_short_and_long_checkpoints_it_is_given(tm
 
 
 def test_the_replications_are_pooled_over_seeds_and_only_runs_of_one_setting(tmp_path):
-    tiny = ["--epochs", "2", "--train_prompts", "2", "--samples_per_prompt", "2", "--val_prompts", "2"]
-    tiny += [
-        "--eval_seeds",
-        "2",
-        "--steps",
-        "2",
-        "--reconstructor",
-        "visual_hull",
-        "--check_reconstructor_kwargs",
-        "none",
-    ]
+    tiny = [*TINY_EVALUATION, "--epochs", "2", "--train_prompts", "2"]
     paths = [tmp_path / f"seed{seed}.json" for seed in (0, 1)]
     for seed, path in zip((0, 1), paths):
         run_script("benchmarks/bench_replication.py", *tiny, "--seed", str(seed), "--out", str(path.with_suffix("")))
