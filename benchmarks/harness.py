@@ -242,6 +242,11 @@ class TimedTrainer:
         return wall
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of `values` and its standard error (the pooling scripts' estimate over objects or seeds)."""
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
 def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     """`median (min-max)` of `values`."""
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"

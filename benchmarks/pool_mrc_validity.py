@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
+
+# this script's folder is on sys.path when it runs as `python benchmarks/<script>.py`
+from harness import mean_and_se
 
 from carve3d_trl.rewards import metric_higher_is_better
 
@@ -51,11 +53,6 @@ def load_runs(paths: list[Path]) -> list[dict]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"Object seeds repeat ({seeds}): each object would count twice; pass each run once.")
     return runs
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """The mean of `values` and its standard error."""
-    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
 def main() -> None:

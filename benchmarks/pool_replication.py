@@ -17,6 +17,9 @@ import json
 import statistics
 from pathlib import Path
 
+# this script's folder is on sys.path when it runs as `python benchmarks/<script>.py`
+from harness import mean_and_se
+
 import carve3d_trl
 from carve3d_trl.pipelines import DEFAULT_LORA_TARGETS
 from carve3d_trl.toy import toy_model_path
@@ -65,11 +68,6 @@ def load_runs(paths: list[Path]) -> list[dict]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"Seeds repeat ({seeds}): a run would count twice; pass each seed's run once.")
     return runs
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """The mean of `values` and its standard error."""
-    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
 def over_seeds(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -124,21 +122,16 @@ def claims(runs: list[dict]) -> list[str]:
         )
     if {"RL + KL", "RL, no KL"} <= names:
         kl = [(run["summary"]["RL + KL"]["kl_mean"], run["summary"]["RL, no KL"]["kl_mean"]) for run in runs]
-        gaps = [
-            run["summary"]["RL + KL"]["mrc_change_mean"] - run["summary"]["RL, no KL"]["mrc_change_mean"]
-            for run in runs
-        ]
+        gaps = [gain(run, "RL + KL") - gain(run, "RL, no KL") for run in runs]
         lines.append(
             f"2. With the KL the KL to the base is lower than without: in {sum(a < b for a, b in kl)} of {len(runs)} "
             f"seeds; MRC gain with the KL minus without: {over_seeds(gaps)} over seeds."
         )
-    rl = [name for name in ("RL + KL", "RL, no KL") if name in names]
-    if rl and "long SFT" in names:
-        for name in rl:
-            gaps = [
-                run["summary"][name]["mrc_change_mean"] - run["summary"]["long SFT"]["mrc_change_mean"] for run in runs
-            ]
-            lines.append(f"3. {name} minus long SFT, MRC: {over_seeds(gaps)} over seeds.")
+    if "long SFT" in names:
+        for name in ("RL + KL", "RL, no KL"):
+            if name in names:
+                gaps = [gain(run, name) - gain(run, "long SFT") for run in runs]
+                lines.append(f"3. {name} minus long SFT, MRC: {over_seeds(gaps)} over seeds.")
     return lines
 
 
