@@ -39,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The text encoder's tokenizer: one token per toy word (the shipped checkpoints') or characters.",
     )
     parser.add_argument("--text_layers", type=int, default=2, help="Transformer layers of the text encoder.")
+    parser.add_argument(
+        "--unet_channels",
+        type=int,
+        nargs=3,
+        default=[32, 64, 64],  # UNET_CHANNELS of carve3d_trl.toy.model (imported after parsing)
+        help="The UNet's 3 block widths (multiples of 8; the shipped checkpoints': 32 64 64).",
+    )
     parser.add_argument("--num_scenes", type=int, default=1000, help="Multi-view scenes (stages 1 and 2).")
     parser.add_argument(
         "--pretrain_scenes",
@@ -69,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--random_views must be >= 0, got {args.random_views}.")
     if args.text_layers < 1:
         parser.error(f"--text_layers must be >= 1, got {args.text_layers}.")
+    if any(c < 8 or c % 8 for c in args.unet_channels):
+        parser.error(f"--unet_channels must be multiples of 8 (group norms of 8), got {args.unet_channels}.")
     if args.pretrain_scenes is None:
         args.pretrain_scenes = args.num_scenes
     if args.pretrain_scenes < args.num_scenes:
@@ -173,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("rendered %d scenes in %.0f s", args.pretrain_scenes, time.time() - start)
 
     pipeline = build_toy_pipeline(
-        args.seed, image_size=SINGLE_VIEW_SIZE, tokenizer=args.tokenizer, text_layers=args.text_layers
+        args.seed,
+        image_size=SINGLE_VIEW_SIZE,
+        tokenizer=args.tokenizer,
+        text_layers=args.text_layers,
+        unet_channels=tuple(args.unet_channels),
     )
     train_vae(
         pipeline.vae, flat, generator, args.vae_steps, args.vae_batch_size, args.vae_learning_rate, args.chroma_weight

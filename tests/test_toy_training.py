@@ -109,6 +109,29 @@ def test_text_encoder_depth_changes_only_the_text_encoder():
     assert deeper.text_encoder(ids)[0].shape == shipped.text_encoder(ids)[0].shape
 
 
+def test_unet_width_leaves_the_vae_and_is_refused_unless_multiples_of_8(capsys):
+    from pathlib import Path
+
+    from carve3d_trl.testing import load_script
+
+    shipped = build_toy_pipeline(seed=0, image_size=SINGLE_VIEW_SIZE)
+    wider = build_toy_pipeline(seed=0, image_size=SINGLE_VIEW_SIZE, unet_channels=(48, 96, 96))
+    assert tuple(shipped.unet.config.block_out_channels) == (32, 64, 64)
+    assert tuple(wider.unet.config.block_out_channels) == (48, 96, 96)
+    vaes = shipped.vae.state_dict().values(), wider.vae.state_dict().values()
+    assert all(torch.equal(x, y) for x, y in zip(*vaes, strict=True))
+    latents = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 5, wider.text_encoder.config.hidden_size)
+    assert wider.unet(latents, torch.tensor([10, 500]), text).sample.shape == latents.shape
+    with pytest.raises(ValueError, match=r"unet_channels must be 3 block widths, each a multiple of 8, got \(32, 60"):
+        build_toy_pipeline(unet_channels=(32, 60, 64))
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "train_toy_model.py")
+    assert script.parse_args([]).unet_channels == [32, 64, 64]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--unet_channels", "32", "64", "4"])
+    assert "--unet_channels must be multiples of 8 (group norms of 8), got [32, 64, 4]" in capsys.readouterr().err
+
+
 def test_training_script_refuses_a_text_encoder_without_layers(capsys):
     from pathlib import Path
 

@@ -55,6 +55,7 @@ TOY_MRC_RECONSTRUCTOR = {
 TOY_GUIDANCE_SCALE = 3.0  # the toys' classifier-free guidance: at 5 their colours over-shoot to neighbouring hues
 TEXT_HIDDEN_SIZE = 64
 TEXT_LAYERS = 2
+UNET_CHANNELS = (32, 64, 64)  # the UNet's block widths (the shipped checkpoints')
 MAX_CAPTION_LENGTH = 64  # tokens (a caption word each; a character each elsewhere)
 
 
@@ -96,16 +97,26 @@ def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
 
 
 def build_toy_pipeline(
-    seed: int = 0, image_size: int = TOY_IMAGE_SIZE, tokenizer: str = "word", text_layers: int = TEXT_LAYERS
+    seed: int = 0,
+    image_size: int = TOY_IMAGE_SIZE,
+    tokenizer: str = "word",
+    text_layers: int = TEXT_LAYERS,
+    unet_channels: tuple[int, int, int] = UNET_CHANNELS,
 ):
     """The toy architecture with random weights (what training starts from), deterministic in `seed`, for images
     of `image_size` pixels (the UNet's `sample_size` is a quarter of it; the weights do not depend on it), with the
     `"word"` tokenizer (the shipped checkpoints') or the `"character"` one (`carve3d_trl.toy.tokenizer`) and a text
     encoder of `text_layers` transformer layers (the shipped checkpoints': 2; the VAE's and UNet's initial weights do
-    not depend on it)."""
+    not depend on it) and a UNet of block widths `unet_channels` (the shipped checkpoints': 32, 64, 64; multiples
+    of 8, its group-norm size and attention head width; the VAE's initial weights do not depend on them)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if len(unet_channels) != 3 or any(c < 8 or c % 8 for c in unet_channels):
+        raise ValueError(
+            f"unet_channels must be 3 block widths, each a multiple of 8, got {tuple(unet_channels)}; e.g. "
+            f"{UNET_CHANNELS}."
+        )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_toy_tokenizer(tmp, tokenizer, model_max_length=MAX_CAPTION_LENGTH)
     with torch.random.fork_rng(devices=[]):
@@ -122,7 +133,7 @@ def build_toy_pipeline(
         )
         unet = UNet2DConditionModel(
             sample_size=image_size // 4,
-            block_out_channels=(32, 64, 64),
+            block_out_channels=tuple(unet_channels),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
