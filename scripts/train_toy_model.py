@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unet_channels",
         type=int,
         nargs=3,
-        default=[32, 64, 64],  # UNET_CHANNELS of carve3d_trl.toy.model (imported after parsing)
+        default=list(UNET_CHANNELS),
         help="The UNet's 3 block widths (multiples of 8; the shipped checkpoints': 32 64 64).",
     )
     parser.add_argument("--num_scenes", type=int, default=1000, help="Multi-view scenes (stages 1 and 2).")
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--random_views must be >= 0, got {args.random_views}.")
     if args.text_layers < 1:
         parser.error(f"--text_layers must be >= 1, got {args.text_layers}.")
-    if any(c < 8 or c % 8 for c in args.unet_channels):
+    if not valid_unet_channels(args.unet_channels):
         parser.error(f"--unet_channels must be multiples of 8 (group norms of 8), got {args.unet_channels}.")
     if args.pretrain_scenes is None:
         args.pretrain_scenes = args.num_scenes
@@ -97,7 +97,13 @@ import torch  # noqa: E402
 
 from carve3d_trl.rewards import instant3d_layout, tile_views  # noqa: E402
 from carve3d_trl.toy.data import random_scene, render_random_views, turned_and_mirrored  # noqa: E402
-from carve3d_trl.toy.model import SINGLE_VIEW_SIZE, TOY_IMAGE_SIZE, build_toy_pipeline  # noqa: E402
+from carve3d_trl.toy.model import (  # noqa: E402
+    SINGLE_VIEW_SIZE,
+    TOY_IMAGE_SIZE,
+    UNET_CHANNELS,
+    build_toy_pipeline,
+    valid_unet_channels,
+)
 from carve3d_trl.toy.training import (  # noqa: E402
     add_schedule_arguments,
     caption_vocabulary,

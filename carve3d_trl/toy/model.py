@@ -96,6 +96,12 @@ def load_toy_pipeline(variant: str = "short", family: str = "grid", **kwargs):
     return pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
 
 
+def valid_unet_channels(channels: tuple[int, ...]) -> bool:
+    """Whether `channels` can be the toy UNet's block widths: 3 of them, each a positive multiple of 8 (its group-norm
+    size and attention head width)."""
+    return len(channels) == 3 and all(c >= 8 and c % 8 == 0 for c in channels)
+
+
 def build_toy_pipeline(
     seed: int = 0,
     image_size: int = TOY_IMAGE_SIZE,
@@ -112,7 +118,7 @@ def build_toy_pipeline(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if len(unet_channels) != 3 or any(c < 8 or c % 8 for c in unet_channels):
+    if not valid_unet_channels(unet_channels):
         raise ValueError(
             f"unet_channels must be 3 block widths, each a multiple of 8, got {tuple(unet_channels)}; e.g. "
             f"{UNET_CHANNELS}."
